@@ -1,0 +1,138 @@
+"""pop3proto: a Sans-IO POP3 engine for clients and servers.
+
+Bytes in, events out, bytes back; no sockets, threads, clocks or files::
+
+    import pop3proto as p
+
+    conn = p.Connection(p.CLIENT)
+    conn.receive_data(b"+OK ready\\r\\n")
+    conn.next_event()            # Greeting(text='ready', ...)
+    sock.sendall(conn.send(p.Capa()))
+
+The I/O lives in ``pop3proto.bindings`` (blocking sockets, asyncio, trio).
+"""
+
+from ._connection import CLIENT, SERVER, Connection, Role
+from ._core import BACKEND
+from ._events import (
+    Apop,
+    Auth,
+    AuthCancel,
+    AuthChallenge,
+    AuthResponse,
+    Capa,
+    Capabilities,
+    Command,
+    ConnectionClosed,
+    Data,
+    Dele,
+    DropListing,
+    EndOfMessage,
+    Err,
+    Event,
+    ExtensionCommand,
+    Greeting,
+    InvalidCommand,
+    Lang,
+    LanguageListing,
+    List,
+    MalformedChallenge,
+    MechanismListing,
+    MessageStart,
+    Noop,
+    Ok,
+    Pass,
+    Quit,
+    Reply,
+    ResponseCode,
+    Retr,
+    Rset,
+    ScanListing,
+    ScanListings,
+    StartTLS,
+    Stat,
+    Stls,
+    Top,
+    Uidl,
+    UniqueIdListing,
+    UniqueIdListings,
+    User,
+    Utf8,
+)
+from ._limits import Limits
+from ._session import Mailbox, Retrieve, TopFilter, Update, wire_size
+from ._state import State
+from ._util import (
+    NEED_DATA,
+    PAUSED,
+    LimitExceeded,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND",
+    "CLIENT",
+    "NEED_DATA",
+    "PAUSED",
+    "SERVER",
+    "Apop",
+    "Auth",
+    "AuthCancel",
+    "AuthChallenge",
+    "AuthResponse",
+    "Capa",
+    "Capabilities",
+    "Command",
+    "Connection",
+    "ConnectionClosed",
+    "Data",
+    "Dele",
+    "DropListing",
+    "EndOfMessage",
+    "Err",
+    "Event",
+    "ExtensionCommand",
+    "Greeting",
+    "InvalidCommand",
+    "Lang",
+    "LanguageListing",
+    "LimitExceeded",
+    "Limits",
+    "List",
+    "LocalProtocolError",
+    "Mailbox",
+    "MalformedChallenge",
+    "MechanismListing",
+    "MessageStart",
+    "Noop",
+    "Ok",
+    "Pass",
+    "ProtocolError",
+    "Quit",
+    "RemoteProtocolError",
+    "Reply",
+    "ResponseCode",
+    "Retr",
+    "Retrieve",
+    "Role",
+    "Rset",
+    "ScanListing",
+    "ScanListings",
+    "StartTLS",
+    "Stat",
+    "State",
+    "Stls",
+    "Top",
+    "TopFilter",
+    "Uidl",
+    "UniqueIdListing",
+    "UniqueIdListings",
+    "Update",
+    "User",
+    "Utf8",
+    "wire_size",
+]

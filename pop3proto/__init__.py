@@ -60,6 +60,15 @@ from ._events import (
     Utf8,
 )
 from ._limits import Limits
+from ._requests import (
+    TIMED_OUT,
+    MaildropFailure,
+    Pop3Error,
+    Pop3TimeoutError,
+    Pop3TLSError,
+    TLSInfo,
+)
+from ._server import ConnectionLimiter, ServerConfig, SessionSummary, serve_session
 from ._session import Mailbox, Retrieve, TopFilter, Update, wire_size
 from ._state import State
 from ._util import (
@@ -79,6 +88,7 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "SERVER",
+    "TIMED_OUT",
     "Apop",
     "Auth",
     "AuthCancel",
@@ -89,6 +99,7 @@ __all__ = [
     "Command",
     "Connection",
     "ConnectionClosed",
+    "ConnectionLimiter",
     "Data",
     "Dele",
     "DropListing",
@@ -105,12 +116,16 @@ __all__ = [
     "List",
     "LocalProtocolError",
     "Mailbox",
+    "MaildropFailure",
     "MalformedChallenge",
     "MechanismListing",
     "MessageStart",
     "Noop",
     "Ok",
     "Pass",
+    "Pop3Error",
+    "Pop3TLSError",
+    "Pop3TimeoutError",
     "ProtocolError",
     "Quit",
     "RemoteProtocolError",
@@ -122,10 +137,13 @@ __all__ = [
     "Rset",
     "ScanListing",
     "ScanListings",
+    "ServerConfig",
+    "SessionSummary",
     "StartTLS",
     "Stat",
     "State",
     "Stls",
+    "TLSInfo",
     "Top",
     "TopFilter",
     "Uidl",
@@ -134,5 +152,6 @@ __all__ = [
     "Update",
     "User",
     "Utf8",
+    "serve_session",
     "wire_size",
 ]

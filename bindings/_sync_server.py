@@ -1,0 +1,232 @@
+"""The blocking-socket POP3 server: one thread per connection, each running
+the engine's ``serve_session`` driver. All POP3 rules come from the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import pop3proto as p
+from pop3proto import _requests as rq
+from pop3proto._auth import Authenticator
+
+from ._common import MaildropRunner, is_loopback, tls_info
+from .maildrop import Maildrop
+
+__all__ = ["Server"]
+
+log = logging.getLogger("pop3proto.server")
+
+#: Bytes asked of the socket per read.
+READ_SIZE = 256 * 1024
+
+
+class Server:
+    """A POP3 server on blocking sockets, serving ``maildrop``.
+
+    ``listen`` is the ``(host, port)`` of the plaintext listener (STLS offered
+    when ``ssl_context`` is given), ``tls_listen`` the implicit-TLS one
+    (RFC 8314); either may be None; port 0 picks a free port (see
+    ``addresses``). ``config`` carries the policy (``ServerConfig``); its
+    ``authenticator`` may instead be given as ``authenticator``. ``backlog``
+    should be at least the expected concurrency. Use as a context manager, or
+    call ``start()`` / ``close()``.
+    """
+
+    def __init__(
+        self,
+        maildrop: Maildrop,
+        authenticator: Authenticator | None = None,
+        *,
+        listen: tuple[str, int] | None = ("127.0.0.1", 110),
+        tls_listen: tuple[str, int] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_certificate: bytes | None = None,
+        config: p.ServerConfig | None = None,
+        backlog: int = 1024,
+        handshake_timeout: float = 30.0,
+    ) -> None:
+        if config is None:
+            if authenticator is None:
+                raise ValueError("give an authenticator or a ServerConfig")
+            config = p.ServerConfig(
+                authenticator=authenticator, stls_available=ssl_context is not None
+            )
+        if tls_listen is not None and ssl_context is None:
+            raise ValueError("implicit TLS needs an ssl_context")
+        self.config = config
+        self.maildrop = maildrop
+        self.ssl_context = ssl_context
+        self.server_certificate = server_certificate
+        self.handshake_timeout = handshake_timeout
+        self._listeners: list[tuple[socket.socket, bool]] = []
+        for address, implicit in ((listen, False), (tls_listen, True)):
+            if address is None:
+                continue
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            self._listeners.append((sock, implicit))
+        self._closing = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._acceptors: list[threading.Thread] = []
+
+    @property
+    def addresses(self) -> list[tuple[str, int, bool]]:
+        """``(host, port, implicit_tls)`` of each listener."""
+        out = []
+        for sock, implicit in self._listeners:
+            host, port = sock.getsockname()[:2]
+            out.append((host, port, implicit))
+        return out
+
+    def start(self) -> Server:
+        """Accept connections in background threads."""
+        for sock, implicit in self._listeners:
+            t = threading.Thread(target=self._accept_loop, args=(sock, implicit), daemon=True)
+            t.start()
+            self._acceptors.append(t)
+        return self
+
+    def serve_forever(self) -> None:
+        """Accept connections until ``close()`` is called from another thread."""
+        self.start()
+        self._closing.wait()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, end every session (without UPDATE: RFC 1939 §6),
+        and wait for their threads."""
+        self._closing.set()
+        for sock, _ in self._listeners:
+            sock.close()
+        with self._lock:
+            for conn in list(self._sockets):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for t in threads + self._acceptors:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------
+
+    def _accept_loop(self, listener: socket.socket, implicit: bool) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, addr = listener.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = threading.Thread(target=self._handle, args=(conn, addr[0], implicit), daemon=True)
+            with self._lock:
+                self._threads.add(t)
+                self._sockets.add(conn)
+            t.start()
+
+    def _handshake(self, sock: socket.socket) -> tuple[ssl.SSLSocket, p.TLSInfo] | None:
+        assert self.ssl_context is not None
+        sock.settimeout(self.handshake_timeout)  # HARDENING 34
+        try:
+            tls = self.ssl_context.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("TLS handshake failed: %s", exc)
+            return None
+        return tls, tls_info(tls, server_side=True, server_cert=self.server_certificate)
+
+    def _handle(self, sock: socket.socket, peer: str, implicit: bool) -> None:
+        raw = sock
+        runner = MaildropRunner(self.maildrop)
+        info = None
+        try:
+            if implicit:
+                done = self._handshake(sock)
+                if done is None:
+                    return
+                sock, info = done
+            gen = p.serve_session(
+                self.config,
+                peer=peer,
+                loopback=is_loopback(peer),
+                tls_info=info,
+                clock=time.monotonic,
+            )
+            summary = self._run(gen, sock, runner)
+            if summary is not None:
+                log.info(
+                    "session peer=%s user=%s retrieved=%d octets=%d deleted=%d end=%s",
+                    summary.peer,
+                    summary.user,
+                    summary.retrieved,
+                    summary.octets,
+                    summary.deleted,
+                    summary.ended or "quit",
+                )
+        except Exception:
+            log.exception("session with %s failed", peer)
+        finally:
+            runner.close()
+            with contextlib.suppress(OSError):
+                sock.close()
+            with self._lock:
+                self._sockets.discard(raw)
+                self._threads.discard(threading.current_thread())
+
+    def _run(
+        self, gen: Any, sock: socket.socket, runner: MaildropRunner
+    ) -> p.SessionSummary | None:
+        result: Any = None
+        try:
+            while True:
+                try:
+                    req = gen.send(result)
+                except StopIteration as stop:
+                    summary: p.SessionSummary = stop.value
+                    return summary
+                result = None
+                if isinstance(req, rq.Send):
+                    try:
+                        sock.settimeout(self.config.idle_timeout)
+                        sock.sendall(req.data)
+                    except OSError:
+                        return None
+                elif isinstance(req, rq.Receive):
+                    sock.settimeout(req.timeout)
+                    try:
+                        result = sock.recv(READ_SIZE)
+                    except TimeoutError:
+                        result = rq.TIMED_OUT
+                    except OSError:
+                        result = b""
+                elif isinstance(req, rq.StartTLS):
+                    done = self._handshake(sock)
+                    if done is not None:
+                        sock, result = done
+                elif isinstance(req, rq.Sleep):
+                    self._closing.wait(req.seconds)
+                elif runner.handles(req):
+                    result = runner.run(req)
+                else:  # pragma: no cover - the driver yields nothing else
+                    raise TypeError(f"unexpected request {req!r}")
+        finally:
+            gen.close()

@@ -46,7 +46,7 @@ from pop3proto.bindings.maildrop import (
 )
 
 # --------------------------------------------------------------------------
-# helpers
+# utilities
 
 
 def crlf_form(data: bytes) -> bytes:
@@ -1010,7 +1010,7 @@ def test_unwritable_index_still_lists(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 # --------------------------------------------------------------------------
-# delivery helpers
+# delivery
 
 
 def test_maildir_add_delivers_into_new_durably(tmp_path: Path) -> None:

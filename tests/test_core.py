@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -107,13 +109,13 @@ def test_crlf_size_without_dots() -> None:
 def test_stuff_then_unstuff_round_trip(body: bytes, data: st.DataObject) -> None:
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=5)))
     bounds = [0, *cuts, len(body)]
-    wire = stuff_all([body[a:b] for a, b in zip(bounds, bounds[1:], strict=False)])
+    wire = stuff_all([body[a:b] for a, b in itertools.pairwise(bounds)])
     norm = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if norm and not norm.endswith(b"\n"):
         norm += b"\r\n"
     wcuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=8)))
     wb = [0, *wcuts, len(wire)]
-    got, done, rest = unstuff_all([wire[a:b] for a, b in zip(wb, wb[1:], strict=False)])
+    got, done, rest = unstuff_all([wire[a:b] for a, b in itertools.pairwise(wb)])
     assert (got, done, rest) == (norm, True, b"")
 
 

@@ -1,9 +1,9 @@
 """Real POP3 peers on loopback for the test suite.
 
-* :class:`DovecotServer` and the session-scoped ``dovecot`` fixture: a private
-  Dovecot 2.3 POP3 server on 127.0.0.1 (plaintext + STLS port and implicit-TLS
-  port, both ephemeral), with its whole configuration and state under a pytest
-  temporary directory.
+* :class:`DovecotServer`, :func:`running_dovecot` and the session-scoped
+  ``dovecot`` fixture: a private Dovecot 2.3 POP3 server on 127.0.0.1
+  (plaintext + STLS port and implicit-TLS port, both ephemeral) with its whole
+  configuration and state in one directory, stopped by its pid.
 * :func:`generate_message`, :func:`fill_maildir` and :class:`Manifest`: a
   deterministic test-mail generator whose messages exercise POP3's edge cases,
   and the record of what a client must get back for each message.
@@ -784,8 +784,8 @@ service anvil {{
     def start(self, timeout: float = 30.0) -> None:
         """Configure and start Dovecot; return once both ports greet with ``+OK``.
 
-        Skips the calling test (fails it under ``CI=true``) when Dovecot is not
-        installed; raises :class:`PeerError` with the log when it will not start.
+        Skips the calling test (fails it under ``CI=true``) when Dovecot 2.3 is
+        not installed; raises :class:`PeerError` with the log when it will not start.
         """
         dovecot = require_program("dovecot")
         for part in ("pop3", "pop3-login", "auth"):
@@ -794,6 +794,9 @@ service anvil {{
                     f"{_DOVECOT_LIBEXEC / part} is missing "
                     "(Debian: apt-get install dovecot-core dovecot-pop3d)"
                 )
+        version = _run([dovecot, "--version"], 30).stdout.decode(errors="replace").strip()
+        if not version.startswith("2.3."):
+            _unavailable(f"Dovecot 2.3 is needed (its configuration format), found {version!r}")
         for sub in ("mail", "state"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -1058,21 +1061,25 @@ def run_mpop(
 ) -> list[DeliveredMessage]:
     """Fetch every message with mpop in keep mode, delivering to the Maildir *maildir*.
 
-    *tls* alone means implicit TLS (pop3s); with *starttls* mpop sends STLS.
+    *tls* means implicit TLS (pop3s), *starttls* means STLS is required; with
+    neither, TLS is off.  The certificate is checked against *cafile* (or the
+    system's CAs).
     *auth* is mpop's ``auth`` value (``user``, ``plain``, ``cram-md5``,
     ``scram-sha-1``, ``on`` for the best offered, ...).  The config and UIDL
     files go to a fresh temporary directory, so every run fetches everything.
 
-    Returns the delivered messages in delivery order (= message number order).
+    Returns the messages this run delivered, in delivery order (= message
+    number order); messages already in *maildir* are left alone.
     mpop alters them: LF line ends, and a ``Received:`` header prepended;
     :func:`normalise_delivered` undoes both.
     """
-    if starttls and not tls:
-        raise ValueError("starttls requires tls=True")
+    if tls and starttls:
+        raise ValueError("choose tls (implicit) or starttls, not both")
     mpop = require_program("mpop")
     out = Path(maildir)
     for sub in ("cur", "new", "tmp"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    before = {p.name for sub in ("cur", "new") for p in (out / sub).iterdir()}
     with tempfile.TemporaryDirectory(prefix="pop3mpop-") as work:
         conf = Path(work, "mpoprc")
         lines = [
@@ -1080,27 +1087,47 @@ def run_mpop(
             "account test",
             f"host {host}",
             f"port {port}",
-            f"user {user}",
-            f"password {password}",
+            f"user {_mpop_quote(user)}",
+            f"password {_mpop_quote(password)}",
             f"auth {auth}",
-            f"tls {'on' if tls else 'off'}",
+            f"tls {'on' if tls or starttls else 'off'}",
             f"tls_starttls {'on' if starttls else 'off'}",
             f"pipelining {pipelining}",
             "keep on",
             "only_new off",
-            f"uidls_file {Path(work, 'uidls')}",
-            f"delivery maildir {out.resolve()}",
+            f"uidls_file {_mpop_quote(str(Path(work, 'uidls')))}",
+            f"delivery maildir {_mpop_quote(str(out.resolve()))}",
             f"timeout {int(timeout)}",
         ]
-        if tls:
-            lines.append(f"tls_trust_file {os.fspath(cafile) if cafile else 'system'}")
+        if tls or starttls:
+            trust = _mpop_quote(os.fspath(cafile)) if cafile is not None else "system"
+            lines.append(f"tls_trust_file {trust}")
         lines += list(extra_config)
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
         _run([mpop, "--quiet", "-C", str(conf), "test"], timeout + 10)
     # mpop names Maildir files by delivery time, then a counter: sorted = delivery order.
-    return sorted(_read_dir(out / "new") + _read_dir(out / "cur"), key=_maildir_order)
+    new = [m for m in _read_dir(out / "new") + _read_dir(out / "cur") if m.path.name not in before]
+    return sorted(new, key=_maildir_order)
+
+
+def _mpop_quote(value: str) -> str:
+    """A double-quoted mpop configuration argument (mpop strips the outer quotes only)."""
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError("configuration values cannot hold line breaks or NUL")
+    return f'"{value}"'
+
+
+def _fetchmail_quote(value: str) -> str:
+    """A double-quoted fetchmailrc string.
+
+    fetchmail's strings cannot hold their own quote character, but it decodes
+    C-style escapes inside them: ``\\\\`` and octal ``\\042`` for ``"``.
+    """
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError("configuration values cannot hold line breaks or NUL")
+    return '"' + value.replace("\\", "\\\\").replace('"', "\\042") + '"'
 
 
 def _maildir_order(m: DeliveredMessage) -> tuple[int, ...]:
@@ -1174,20 +1201,21 @@ def run_fetchmail(
         if tls or starttls:
             tls_opts = ["ssl" if tls else "sslproto 'tls1.2+'", "sslcertck"]
             if cafile is not None:
-                tls_opts.append(f'sslcertfile "{os.fspath(cafile)}"')
+                tls_opts.append(f"sslcertfile {_fetchmail_quote(os.fspath(cafile))}")
         else:
             tls_opts = ["sslproto ''", "no sslcertck"]
         if tls_name is not None and (tls or starttls):
-            tls_opts.append(f'sslcommonname "{tls_name}"')
+            tls_opts.append(f"sslcommonname {_fetchmail_quote(tls_name)}")
         auth_opt = "" if proto == "APOP" else f"auth {auth}"
         rc = "\n".join(
             [
                 "set no syslog",
                 "set no bouncemail",
                 f"poll {host} with proto {proto} port {port} {auth_opt} timeout {int(timeout)}",
-                f'  user "{user}" there with password "{password}" is "{user}" here',
+                f"  user {_fetchmail_quote(user)} there with password {_fetchmail_quote(password)}"
+                f" is {_fetchmail_quote(user)} here",
                 f"  options keep fetchall no rewrite {' '.join([*tls_opts, *extra_options])}",
-                f'  mda "{mda_cmd}"',
+                f"  mda {_fetchmail_quote(mda_cmd)}",
                 "",
             ]
         )

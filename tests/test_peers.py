@@ -23,6 +23,7 @@ from peers import (
     fill_maildir,
     generate_message,
     normalise_delivered,
+    require_program,
     run_curl,
     run_curl_retr,
     run_fetchmail,
@@ -211,6 +212,18 @@ def _retr_all(p: poplib.POP3, manifest: Manifest) -> None:
         _resp, lines, _octets = p.retr(info.number)
         data = b"".join(line + b"\r\n" for line in lines)
         assert manifest.matches(info.number, data), info.number
+
+
+def test_missing_program_skips_locally_and_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install no-such-pop3-tool"):
+        require_program("no-such-pop3-tool")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-such-pop3-tool is not installed"):
+        require_program("no-such-pop3-tool")
+    assert Path(require_program("sh")).name == "sh"
 
 
 @pytest.mark.peers
@@ -414,7 +427,7 @@ def test_mpop_delivers_every_message(
         MAILBOX_USER,
         "secret",
         tmp_path / "Maildir",
-        tls=mode != "plain",
+        tls=mode == "pop3s",
         starttls=mode == "stls",
         cafile=dovecot.cafile,
         auth=auth,
@@ -459,6 +472,19 @@ def test_fetchmail_delivers_every_message(
     )
     assert [m.path.name for m in got] == [f"{n:06d}.eml" for n in range(1, MAILBOX_COUNT + 1)]
     _check_delivered(mailbox, [m.data for m in got])
+
+
+@pytest.mark.peers
+def test_clients_cope_with_awkward_passwords(dovecot: DovecotServer, tmp_path: Path) -> None:
+    password = 'a "quoted" \\back slash\\ and spaces'
+    dovecot.add_user("judy", password)
+    manifest = dovecot.fill("judy", 2, 800)
+    got = run_mpop(dovecot.host, dovecot.port, "judy", password, tmp_path / "md")
+    _check_delivered(manifest, [m.data for m in got])
+    got = run_fetchmail(dovecot.host, dovecot.port, "judy", password, tmp_path / "fm")
+    _check_delivered(manifest, [m.data for m in got])
+    data = run_curl(f"pop3://{dovecot.host}:{dovecot.port}/2", user="judy", password=password)
+    assert manifest.matches(2, data)
 
 
 @pytest.mark.peers

@@ -69,7 +69,10 @@ class MaildropRunner:
             return [(m.size, m.uid) for m in self.session.messages]
         assert self.session is not None
         if isinstance(request, rq.OpenMessage):
-            return read_chunks(self.session.open_message(request.index))
+            try:
+                return read_chunks(self.session.open_message(request.index))
+            except MaildropError:
+                return None  # removed behind our back: the driver answers -ERR
         if isinstance(request, rq.Commit):
             messages = self.session.messages
             try:

@@ -108,6 +108,9 @@ class Server:
         and wait for their threads."""
         self._closing.set()
         for sock, _ in self._listeners:
+            # shutdown() wakes a thread blocked in accept(); close() alone does not.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         with self._lock:
             for conn in list(self._sockets):

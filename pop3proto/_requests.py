@@ -27,7 +27,8 @@ Requests and what the binding sends back:
 ``OpenMaildrop(u)`` server: lock and list user ``u``'s maildrop; result a
                     sequence of ``(size, uid)`` or a ``MaildropFailure``
 ``OpenMessage(i)``  server: the stored bytes of message ``i`` (0-based) as an
-                    iterable of chunks (raw stored form; the engine converts)
+                    iterable of chunks (raw stored form; the engine converts),
+                    or None when it cannot be read (answered -ERR [SYS/TEMP])
 ``Commit(idx)``     server: remove these messages (0-based); result ``True``
                     when every removal succeeded
 ``Deliver(data)``   client: hand a piece of message content to the caller

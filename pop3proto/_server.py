@@ -384,7 +384,10 @@ class _Session:
             yield from self.reply(action)
 
     def retrieve(self, action: Retrieve) -> ServerGenNone:
-        chunks: Iterable[bytes] = yield OpenMessage(action.index)
+        chunks: Iterable[bytes] | None = yield OpenMessage(action.index)
+        if chunks is None:
+            yield from self.reply(ev.Err("message unavailable", _SYS_TEMP))
+            return
         cut = TopFilter(action.top_lines) if action.top_lines is not None else None
         yield from self.reply(ev.MessageStart("message follows"))
         try:

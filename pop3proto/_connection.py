@@ -139,6 +139,7 @@ class Connection:
         self._starttls_emitted = False
         # client side
         self._outstanding: deque[ev.Command] = deque()
+        self._projection: SessionState | None = None
         self._mode = _Mode.STATUS
         self._pipelining = pipelining
         self._capabilities: ev.Capabilities | None = None
@@ -265,6 +266,7 @@ class Connection:
         self._tls_pending = False
         self._starttls_emitted = False
         self._session.tls_active = True
+        self._projection = None
         # RFC 2595 §4: forget what was learnt in plaintext.
         self._capabilities = None
 
@@ -574,16 +576,23 @@ class Connection:
         self._session.replied(head, ok)
         self._challenge_open = False
         self._auth_rounds = 0
+        if not ok or not self._outstanding:
+            # The projection assumed success: start it again from the truth.
+            self._projection = None
 
     def _projected_state(self) -> SessionState:
-        """The session as it will be when every outstanding command succeeds."""
-        proj = SessionState(tls_active=self._session.tls_active)
-        proj.state = self._session.state
-        proj.user_accepted = self._session.user_accepted
-        proj.utf8 = self._session.utf8
-        for cmd in self._outstanding:
-            proj.issued(cmd)
-            proj.replied(cmd, True)
+        """The session as it will be when every outstanding command succeeds
+        (kept up to date as commands are sent, rebuilt after a failure)."""
+        proj = self._projection
+        if proj is None:
+            proj = SessionState(tls_active=self._session.tls_active)
+            proj.state = self._session.state
+            proj.user_accepted = self._session.user_accepted
+            proj.utf8 = self._session.utf8
+            for cmd in self._outstanding:
+                proj.issued(cmd)
+                proj.replied(cmd, True)
+            self._projection = proj
         return proj
 
     def _client_send(self, event: ev.Event) -> bytes:
@@ -606,7 +615,8 @@ class Connection:
             self._challenge_open = False
             return data
         if self._outstanding:
-            if any(type(c) in BARRIERS for c in self._outstanding):
+            # A barrier admits nothing behind it, so it can only be the last.
+            if type(self._outstanding[-1]) in BARRIERS:
                 raise LocalProtocolError(
                     "cannot pipeline behind STLS, AUTH or QUIT (RFC 2449 §6.6)"
                 )
@@ -614,6 +624,8 @@ class Connection:
                 raise LocalProtocolError("the server does not offer PIPELINING")
             if len(self._outstanding) >= self.limits.max_pipeline:
                 raise LocalProtocolError("too many commands outstanding (max_pipeline)")
+        if not self._outstanding:
+            self._projection = None
         proj = self._projected_state()
         reason = proj.refusal(event)
         if reason is not None:
@@ -627,6 +639,8 @@ class Connection:
         if len(data) > limit:
             raise LocalProtocolError("command line too long")
         self._outstanding.append(event)
+        proj.issued(event)
+        proj.replied(event, True)
         return data
 
     # ============================================================ server

@@ -13,12 +13,17 @@ _COMPACT_AT = 64 * 1024
 
 
 class ReceiveBuffer:
-    """A ``bytearray`` with a start offset and a remembered search position."""
+    """A byte string with a start offset and a remembered search position.
+
+    While everything received so far has been consumed, an incoming ``bytes``
+    object is kept as it is (no copy): the common case of one read holding
+    whole lines or a body chunk then costs no buffer copy at all. Bytes that
+    must wait for more are kept in a ``bytearray``."""
 
     __slots__ = ("_data", "_searched", "_start")
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        self._data: bytes | bytearray = b""
         self._start = 0
         self._searched = 0  # absolute index: no "\n" in [_start, _searched)
 
@@ -30,14 +35,19 @@ class ReceiveBuffer:
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes from the peer."""
-        if self._start and self._start == len(self._data):
-            # Everything was consumed: start over without moving bytes.
-            self._data.clear()
+        if self._start == len(self._data):
+            # Everything was consumed: take the new bytes as they are.
+            self._data = data if type(data) is bytes else bytes(data)
             self._start = self._searched = 0
+            return
+        if type(self._data) is bytes:
+            self._data = bytearray(memoryview(self._data)[self._start :])
+            self._searched -= self._start
+            self._start = 0
         self._data += data
 
     @property
-    def raw(self) -> bytearray:
+    def raw(self) -> bytes | bytearray:
         """The underlying array; the unread bytes are ``raw[start:]``."""
         return self._data
 
@@ -51,8 +61,9 @@ class ReceiveBuffer:
         self._start = index
         if self._searched < index:
             self._searched = index
-        if index >= _COMPACT_AT and index * 2 >= len(self._data):
-            del self._data[:index]
+        data = self._data
+        if index >= _COMPACT_AT and index * 2 >= len(data) and type(data) is bytearray:
+            del data[:index]
             self._searched -= index
             self._start = 0
 

@@ -31,7 +31,8 @@ def test_byte_at_a_time_long_line_is_linear() -> None:
 
 def test_compaction_keeps_unread_bytes() -> None:
     b = ReceiveBuffer()
-    b.append(b"a" * 100_000 + b"TAIL")
+    b.append(b"a" * 100_000)
+    b.append(b"TAIL")
     b.consume_to(100_000)
     assert bytes(b) == b"TAIL"
     assert b.start == 0 and len(b.raw) == 4
@@ -44,3 +45,13 @@ def test_find_last_line_end() -> None:
     b.consume_to(10)
     assert b.find_last_line_end() == -1
     assert b.find_line_end() == -1
+
+
+def test_bytes_taken_without_copy_when_empty() -> None:
+    b = ReceiveBuffer()
+    chunk = b"x" * 1000
+    b.append(chunk)
+    assert b.raw is chunk
+    b.consume_to(1000)
+    b.append(bytearray(b"yz"))
+    assert bytes(b) == b"yz"

@@ -133,6 +133,9 @@ class ServerConfig:
     #: Seconds of silence after login before the session is dropped
     #: (RFC 1939 §3: at least 10 minutes).
     idle_timeout: float = 600.0
+    #: Dovecot's ``outlook-no-nuls`` workaround (PROTOCOL §12): send each NUL
+    #: in a message as 0x80, for clients that hang on NUL. Size-preserving.
+    outlook_no_nuls: bool = False
     failure_delay: FailureDelay = attrs.field(factory=FailureDelay)
     limiter: ConnectionLimiter = attrs.field(factory=ConnectionLimiter)
     limits: Limits = attrs.field(factory=Limits)
@@ -393,6 +396,8 @@ class _Session:
         try:
             for chunk in chunks:
                 part = cut.feed(chunk) if cut is not None else chunk
+                if self.config.outlook_no_nuls:
+                    part = part.replace(b"\0", b"\x80")
                 if part:
                     self.summary.octets += len(part)
                     yield from self.emit(self.conn.send(ev.Data(part)))

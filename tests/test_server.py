@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 
 import pop3proto as p
@@ -206,7 +207,7 @@ def test_hardening_51_no_deletion_without_quit(end: str) -> None:
     assert h.summary is not None and not h.summary.quit and h.summary.ended == end
 
 
-def test_hardening_52_failed_removal_answers_err() -> None:
+def test_checklist_21_hardening_52_failed_removal_answers_sys_temp() -> None:
     h = Harness(commit_ok=False)
     h.login()
     h.command(p.Dele(1))
@@ -214,7 +215,7 @@ def test_hardening_52_failed_removal_answers_err() -> None:
     assert isinstance(reply, p.Err) and reply.code == p.ResponseCode(("SYS", "TEMP"))
 
 
-def test_hardening_54_second_session_gets_in_use() -> None:
+def test_checklist_13_hardening_54_second_session_gets_in_use() -> None:
     h = Harness(locked=("alice",))
     h.events()
     h.command(p.User("alice"))
@@ -391,3 +392,43 @@ def test_lang_and_utf8() -> None:
     assert h.command(p.Lang()) == [p.LanguageListing([("en", "English")])]
     assert isinstance(h.command(p.Lang("fr"))[0], p.Err)
     assert h.command(p.Utf8()) == [p.Ok("UTF8 enabled")]
+
+
+def test_checklist_21_outlook_no_nuls_filter() -> None:
+    mail = {"alice": [b"a\0b\n"]}
+    plain = Harness(mail=mail)
+    plain.login()
+    assert body(plain.command(p.Retr(1))) == b"a\0b\r\n"
+    cfg = attrs.evolve(plain.config, outlook_no_nuls=True)
+    h = Harness(cfg, mail=mail)
+    h.login()
+    assert body(h.command(p.Retr(1))) == b"a\x80b\r\n"
+    assert h.command(p.List(1)) == [p.ScanListing(1, 5)]
+
+
+def test_checklist_21_codes_and_legacy_auth_listing() -> None:
+    h = Harness(tls=True)
+    h.events()
+    [listing] = h.command(p.Auth(""))
+    assert isinstance(listing, p.MechanismListing) and "PLAIN" in listing.mechanisms
+    [caps] = h.command(p.Capa())
+    assert isinstance(caps, p.Capabilities) and caps.resp_codes and caps.auth_resp_code
+
+
+def test_checklist_09_mechanisms_through_the_engine_reproduce_vectors() -> None:
+    conn = p.Connection(p.CLIENT)
+    conn.receive_data(b"+OK ready\r\n")
+    conn.next_event()
+    plain = client_mechanism("PLAIN", user="user", password="pencil")
+    assert (
+        conn.send(p.Auth("PLAIN", plain.initial_response())) == b"AUTH PLAIN AHVzZXIAcGVuY2ls\r\n"
+    )
+    conn.receive_data(b"-ERR no\r\n")
+    conn.next_event()
+    conn.send(p.Auth("CRAM-MD5"))
+    conn.receive_data(b"+ PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+\r\n")
+    challenge = conn.next_event()
+    assert isinstance(challenge, p.AuthChallenge)
+    cram = client_mechanism("CRAM-MD5", user="tim", password="tanstaaftanstaaf")
+    answer = conn.send(p.AuthResponse(cram.respond(challenge.data)))
+    assert answer == b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw\r\n"

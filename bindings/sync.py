@@ -10,3 +10,14 @@ from ._sync_server import Server
 __all__ = ["Server"]
 
 # --- client (re-exported from ._sync_client) ---
+from ._sync_client import (
+    CapaClosedError,
+    Client,
+    Pop3Error,
+    Pop3TimeoutError,
+    Pop3TLSError,
+    connect,
+)
+
+__all__ += ["CapaClosedError", "Client", "Pop3Error", "Pop3TLSError", "Pop3TimeoutError", "connect"]
+# --- end client ---

@@ -1,0 +1,668 @@
+"""A blocking POP3 client on the standard library's ``socket`` and ``ssl``.
+
+Every POP3 decision comes from ``pop3proto``'s ``ClientSession``; this module
+opens the connection, runs the TLS handshake, keeps the deadlines and moves
+bytes::
+
+    from pop3proto.bindings.sync import connect
+
+    with connect("pop.example.org") as client:      # implicit TLS, port 995
+        client.login("alice", "secret")
+        for msg, data in client.retrieve_many(client.list()):
+            ...
+
+Deadlines (seconds, None for none): ``connect_timeout`` for the TCP connect
+(and the implicit-TLS handshake), ``greeting_timeout`` for the greeting,
+``timeout`` for each command — measured across reads from when the command
+was sent, so a server that trickles bytes cannot stretch it (HARDENING 48);
+it grows by one second per ``min_transfer_rate`` octets received so that big
+messages on slow links still arrive — and ``operation_timeout`` for a whole
+public call (``connect()``, ``login()``, ``retrieve_many()`` …). After a
+timeout the connection is closed: a pipeline is never resumed (HARDENING 10).
+
+TLS: certificates and host names are verified (``ssl.create_default_context()``)
+unless the caller passes its own ``ssl_context``. Channel-binding data for
+SCRAM-PLUS is computed after each handshake: ``tls-server-end-point`` (RFC
+5929 §4.1: the certificate hashed with its signature's hash, SHA-256 for MD5
+and SHA-1; the signature algorithm is read from the certificate's DER, and
+SHA-256 is used for algorithms without a single hash such as Ed25519), and
+``tls-unique`` on TLS 1.2 and older. ``tls-exporter`` (RFC 9266) is not
+offered: Python's ``ssl`` module has no access to TLS exporters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import ssl
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from types import TracebackType
+from typing import Protocol, TypeVar, overload
+
+from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
+from pop3proto._events import Capabilities, Greeting
+from pop3proto._limits import Limits
+from pop3proto._requests import (
+    TIMED_OUT,
+    Deliver,
+    Pop3Error,
+    Pop3TimeoutError,
+    Pop3TLSError,
+    Receive,
+    Request,
+    Send,
+    StartTLS,
+    TLSInfo,
+)
+from pop3proto._state import State
+
+__all__ = [
+    "POP3S_PORT",
+    "POP3_PORT",
+    "READ_SIZE",
+    "CapaClosedError",
+    "Client",
+    "Pop3Error",
+    "Pop3TLSError",
+    "Pop3TimeoutError",
+    "connect",
+    "server_end_point",
+    "tls_info_for",
+]
+
+#: Plain POP3 (and STLS) port, RFC 1939.
+POP3_PORT = 110
+#: Implicit-TLS POP3 port, RFC 8314.
+POP3S_PORT = 995
+#: Bytes asked of the socket per read.
+READ_SIZE = 256 * 1024
+
+T = TypeVar("T")
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+# ------------------------------------------------------------------ channel binding
+
+# Signature algorithm OIDs (RFC 3279, 4055, 5758, 8410) -> hash to use for
+# tls-server-end-point (RFC 5929 §4.1: MD5 and SHA-1 are replaced by SHA-256).
+_SIG_HASHES = {
+    "1.2.840.113549.1.1.4": "sha256",  # md5WithRSAEncryption
+    "1.2.840.113549.1.1.5": "sha256",  # sha1WithRSAEncryption
+    "1.2.840.113549.1.1.14": "sha224",
+    "1.2.840.113549.1.1.11": "sha256",
+    "1.2.840.113549.1.1.12": "sha384",
+    "1.2.840.113549.1.1.13": "sha512",
+    "1.2.840.10045.4.1": "sha256",  # ecdsa-with-SHA1
+    "1.2.840.10045.4.3.1": "sha224",
+    "1.2.840.10045.4.3.2": "sha256",
+    "1.2.840.10045.4.3.3": "sha384",
+    "1.2.840.10045.4.3.4": "sha512",
+    "1.2.840.10040.4.3": "sha256",  # dsa-with-sha1
+    "2.16.840.1.101.3.4.3.1": "sha224",  # dsa-with-sha224
+    "2.16.840.1.101.3.4.3.2": "sha256",  # dsa-with-sha256
+}
+_HASH_OIDS = {
+    "1.3.14.3.2.26": "sha256",  # SHA-1 -> SHA-256
+    "2.16.840.1.101.3.4.2.4": "sha224",
+    "2.16.840.1.101.3.4.2.1": "sha256",
+    "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512",
+}
+_RSASSA_PSS = "1.2.840.113549.1.1.10"
+
+
+def _tlv(der: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, content start, content end) of the DER element at ``pos``."""
+    if pos + 2 > len(der):
+        raise ValueError("truncated DER")
+    tag, length = der[pos], der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        if not 1 <= n <= 4 or pos + n > len(der):
+            raise ValueError("bad DER length")
+        length = int.from_bytes(der[pos : pos + n], "big")
+        pos += n
+    if pos + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + length
+
+
+def _oid(der: bytes, start: int, end: int) -> str:
+    arcs: list[int] = []
+    value = 0
+    for byte in der[start:end]:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    if not arcs:
+        raise ValueError("empty OID")
+    first = arcs[0]
+    head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
+    return ".".join(str(a) for a in head + arcs[1:])
+
+
+def _signature_hash(der: bytes) -> str:
+    """The hash name for tls-server-end-point of a DER certificate."""
+    _, start, _ = _tlv(der, 0)  # Certificate
+    _, _, tbs_end = _tlv(der, start)  # tbsCertificate
+    tag, alg_start, alg_end = _tlv(der, tbs_end)  # signatureAlgorithm
+    if tag != 0x30:
+        raise ValueError("no signature algorithm")
+    tag, oid_start, oid_end = _tlv(der, alg_start)
+    if tag != 0x06:
+        raise ValueError("no algorithm OID")
+    oid = _oid(der, oid_start, oid_end)
+    if oid == _RSASSA_PSS:
+        # RSASSA-PSS-params: [0] hashAlgorithm, default SHA-1 (RFC 4055 §3.1).
+        if oid_end < alg_end:
+            tag, p_start, p_end = _tlv(der, oid_end)
+            if tag == 0x30 and p_start < p_end:
+                tag, h_start, _ = _tlv(der, p_start)
+                if tag == 0xA0:
+                    _, a_start, _ = _tlv(der, h_start)
+                    _, o_start, o_end = _tlv(der, a_start)
+                    return _HASH_OIDS.get(_oid(der, o_start, o_end), "sha256")
+        return "sha256"
+    return _SIG_HASHES.get(oid, "sha256")
+
+
+def server_end_point(der_certificate: bytes) -> bytes:
+    """``tls-server-end-point`` channel-binding data (RFC 5929 §4.1) for the
+    server's DER certificate: its hash under the hash of its signature
+    algorithm, SHA-256 for MD5/SHA-1 and for algorithms with no single hash
+    (Ed25519, Ed448) or that cannot be read."""
+    try:
+        name = _signature_hash(der_certificate)
+    except ValueError:
+        name = "sha256"
+    return hashlib.new(name, der_certificate).digest()
+
+
+def tls_info_for(sock: ssl.SSLSocket) -> TLSInfo:
+    """The channel-binding data of a finished client handshake."""
+    bindings: dict[str, bytes] = {}
+    der = sock.getpeercert(binary_form=True)
+    if der:
+        bindings["tls-server-end-point"] = server_end_point(der)
+    # RFC 9266 §1: tls-unique is not defined for TLS 1.3.
+    if sock.version() in ("TLSv1.2", "TLSv1.1", "TLSv1"):
+        unique = sock.get_channel_binding("tls-unique")
+        if unique:
+            bindings["tls-unique"] = unique
+    return TLSInfo(channel_bindings=bindings)
+
+
+def _handshake(
+    sock: socket.socket, context: ssl.SSLContext, host: str, timeout: float | None
+) -> ssl.SSLSocket:
+    sock.settimeout(timeout)
+    try:
+        return context.wrap_socket(sock, server_hostname=host)
+    except TimeoutError as exc:
+        raise Pop3TimeoutError("the TLS handshake did not finish in time") from exc
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        raise Pop3TLSError(f"TLS handshake failed: {exc}") from exc
+    except OSError as exc:
+        raise Pop3TLSError(f"TLS handshake failed: {exc}") from exc
+
+
+# ------------------------------------------------------------------ the client
+
+
+class Client:
+    """A POP3 client connection (blocking). Use ``connect()`` to make one.
+
+    ``Client(sock, host=...)`` wraps an already connected socket (an
+    ``ssl.SSLSocket`` for implicit TLS); call ``open()`` next to read the
+    greeting. All keyword arguments are those of ``connect()``. Methods
+    raise ``Pop3Error`` for ``-ERR`` (with its response code),
+    ``Pop3TimeoutError`` and ``Pop3TLSError``; the engine's
+    ``RemoteProtocolError`` and socket errors pass through. After anything
+    but a ``-ERR`` the connection is closed and every later call raises.
+    As a context manager it sends QUIT on a normal exit; on an exception it
+    closes without QUIT, so that the server forgets the deletions (RFC 1939
+    §6).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        host: str,
+        port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        starttls: bool = False,
+        allow_insecure: bool = False,
+        timeout: float | None = 30.0,
+        greeting_timeout: float | None = None,
+        operation_timeout: float | None = None,
+        min_transfer_rate: float = 16384.0,
+        limits: Limits | None = None,
+        capa: bool = True,
+    ) -> None:
+        self.sock: socket.socket = sock
+        self.host = host
+        self.timeout = timeout
+        self.operation_timeout = operation_timeout
+        self._ssl_context = ssl_context
+        tls = isinstance(sock, ssl.SSLSocket)
+        self._session = ClientSession(
+            tls_active=tls,
+            starttls=starttls,
+            allow_insecure=allow_insecure,
+            limits=limits,
+            command_timeout=timeout,
+            greeting_timeout=timeout if greeting_timeout is None else greeting_timeout,
+            min_transfer_rate=min_transfer_rate,
+            tls_info=tls_info_for(sock) if isinstance(sock, ssl.SSLSocket) else None,
+            capa=capa,
+            host=host,
+            port=port,
+        )
+        self._buf = bytearray(READ_SIZE)
+        self._view = memoryview(self._buf)
+        self._clock = time.monotonic()
+        self._closed = False
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def session(self) -> ClientSession:
+        """The I/O-free session this client drives."""
+        return self._session
+
+    @property
+    def greeting(self) -> Greeting | None:
+        """The server's greeting."""
+        return self._session.greeting
+
+    @property
+    def tls_active(self) -> bool:
+        """The connection runs inside TLS."""
+        return self._session.tls_active
+
+    @property
+    def state(self) -> State:
+        """The POP3 state."""
+        return self._session.state
+
+    @property
+    def closed(self) -> bool:
+        """The socket is closed."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the socket without QUIT (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._session.abort("the connection was closed")
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None and not self._closed and self._session.usable:
+                self.quit()
+        finally:
+            self.close()
+
+    # ------------------------------------------------------------ the loop
+
+    def _deadline(self) -> float | None:
+        t = self.operation_timeout
+        return None if t is None else time.monotonic() + t
+
+    def _iterate(self, gen: Driver[T], deadline: float | None) -> Generator[Request, None, T]:
+        """Run a session generator; yield what it delivers; return its result."""
+        if self._closed:
+            gen.close()
+            raise Pop3Error("the connection is closed")
+        result: object = None
+        finished = False
+        try:
+            while True:
+                try:
+                    req = gen.send(result)
+                except StopIteration as stop:
+                    finished = True
+                    return stop.value  # type: ignore[no-any-return]
+                except BaseException:
+                    finished = True  # the session raised: it decided itself
+                    raise
+                result = None
+                kind = type(req)
+                if kind is Receive:
+                    result = self._receive(req.timeout, deadline)  # type: ignore[attr-defined]
+                elif kind is Send:
+                    self._send(req.data, deadline)  # type: ignore[attr-defined]
+                elif kind is Deliver or kind is DeliverMessage:
+                    yield req
+                elif kind is StartTLS:
+                    result = self._starttls(deadline)
+                else:
+                    raise TypeError(f"unknown request {req!r}")
+        except BaseException as exc:
+            if not finished:
+                gen.close()
+                self._session.abort(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            if not self._session.usable:
+                self.close()
+            elif self.timeout is not None or self.operation_timeout is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(self.timeout)
+
+    def _run(self, gen: Driver[T], sink: Callable[[Request], object] | None = None) -> T:
+        it = self._iterate(gen, self._deadline())
+        try:
+            while True:
+                try:
+                    item = next(it)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                if sink is None:  # pragma: no cover - only batch operations deliver
+                    raise TypeError("unexpected delivery")
+                sink(item)
+        finally:
+            it.close()
+
+    def _wait(self, timeout: float | None, deadline: float | None) -> tuple[float | None, bool]:
+        """Seconds left on the command clock or the operation deadline,
+        whichever ends first, and whether it is the operation's."""
+        now = time.monotonic()
+        wait = None if timeout is None else self._clock + timeout - now
+        if deadline is not None and (wait is None or deadline - now < wait):
+            return deadline - now, True
+        return wait, False
+
+    def _receive(self, timeout: float | None, deadline: float | None) -> object:
+        wait, whole = self._wait(timeout, deadline)
+        if wait is not None and wait <= 0:
+            return self._late(whole)
+        sock = self.sock
+        sock.settimeout(wait)
+        try:
+            n = sock.recv_into(self._buf)
+        except TimeoutError:
+            return self._late(whole)
+        except ConnectionResetError:
+            return b""
+        if n and isinstance(sock, ssl.SSLSocket):
+            # One TLS record per read: gather what is already here.
+            n = self._gather_tls(sock, n)
+        return self._view[:n]
+
+    def _gather_tls(self, sock: ssl.SSLSocket, n: int) -> int:
+        sock.settimeout(0.0)
+        view = self._view
+        try:
+            while n < READ_SIZE:
+                k = sock.recv_into(view[n:])
+                if not k:
+                    break
+                n += k
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            pass
+        except ConnectionResetError:
+            pass
+        return n
+
+    def _late(self, whole: bool) -> object:
+        if whole:
+            raise Pop3TimeoutError("the operation deadline passed")
+        return TIMED_OUT
+
+    def _send(self, data: bytes, deadline: float | None) -> None:
+        wait, _ = self._wait(self.timeout, deadline)
+        if wait is not None and wait <= 0:
+            raise Pop3TimeoutError("the operation deadline passed")
+        self._clock = time.monotonic()
+        self.sock.settimeout(wait)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError as exc:
+            raise Pop3TimeoutError("the server did not accept a command in time") from exc
+
+    def _starttls(self, deadline: float | None) -> TLSInfo:
+        wait, _ = self._wait(self.timeout, deadline)
+        self._clock = time.monotonic()
+        context = self._ssl_context or ssl.create_default_context()
+        tls = _handshake(self.sock, context, self.host, wait)
+        self.sock = tls
+        self._clock = time.monotonic()
+        return tls_info_for(tls)
+
+    # ------------------------------------------------------------ operations
+
+    def open(self) -> Greeting:
+        """Read the greeting, ask CAPA, and do STLS when it is required."""
+        return self._run(self._session.open())
+
+    def starttls(self, ssl_context: ssl.SSLContext | None = None) -> TLSInfo:
+        """Upgrade with STLS now (``connect(starttls=True)`` does it for you)."""
+        if ssl_context is not None:
+            self._ssl_context = ssl_context
+        return self._run(self._session.starttls())
+
+    def capabilities(self, refresh: bool = False) -> Capabilities | None:
+        """The server's CAPA reply (cached; ``refresh`` asks again), or None."""
+        return self._run(self._session.capabilities(refresh))
+
+    def login(
+        self,
+        user: str,
+        password: str | None = None,
+        *,
+        mechanism: str | None = None,
+        token: str | None = None,
+        external: bool = False,
+        authzid: str = "",
+    ) -> None:
+        """Log in with the strongest method both sides support (see
+        ``ClientSession.login``); ``mechanism`` forces one (a SASL name,
+        ``"APOP"`` or ``"USER"``)."""
+        self._run(
+            self._session.login(
+                user,
+                password,
+                mechanism=mechanism,
+                token=token,
+                external=external,
+                authzid=authzid,
+            )
+        )
+
+    def stat(self) -> tuple[int, int]:
+        """``(message count, maildrop size)``."""
+        return self._run(self._session.stat())
+
+    @overload
+    def list(self, msg: None = None) -> dict[int, int]: ...
+    @overload
+    def list(self, msg: int) -> int: ...
+
+    def list(self, msg: int | None = None) -> dict[int, int] | int:
+        """``{msg: size}``, or the size of one message."""
+        if msg is None:
+            return self._run(self._session.list())
+        return self._run(self._session.list(msg))
+
+    @overload
+    def uidl(self, msg: None = None) -> dict[int, str]: ...
+    @overload
+    def uidl(self, msg: int) -> str: ...
+
+    def uidl(self, msg: int | None = None) -> dict[int, str] | str:
+        """``{msg: unique-id}``, or the unique-id of one message."""
+        if msg is None:
+            return self._run(self._session.uidl())
+        return self._run(self._session.uidl(msg))
+
+    def retrieve(self, msg: int) -> bytes:
+        """The whole message (un-stuffed, line ends as the server sent them)."""
+        return self._run(self._session.retrieve(msg))
+
+    def retrieve_into(self, msg: int, file: _Writable) -> int:
+        """Stream a message into ``file`` (anything with ``write(bytes)``) as
+        it arrives; returns its size. If ``write`` raises, the connection is
+        closed (the rest of the message cannot be skipped safely)."""
+        return self._run(
+            self._session.retrieve_stream(msg),
+            lambda req: file.write(req.data),  # type: ignore[attr-defined]
+        )
+
+    def iter_retrieve(self, msg: int) -> Iterator[bytes]:
+        """Iterate over a message's pieces as they arrive. Leaving the loop
+        early closes the connection."""
+        it = self._iterate(self._session.retrieve_stream(msg), self._deadline())
+        try:
+            for req in it:
+                yield req.data  # type: ignore[attr-defined]
+        finally:
+            it.close()
+
+    def top(self, msg: int, lines: int) -> bytes:
+        """The header and the first ``lines`` lines of the body."""
+        return self._run(self._session.top(msg, lines))
+
+    def delete(self, msg: int) -> None:
+        """Mark a message deleted (removed when QUIT succeeds)."""
+        self._run(self._session.delete(msg))
+
+    def reset(self) -> None:
+        """Unmark every message marked deleted."""
+        self._run(self._session.reset())
+
+    def noop(self) -> None:
+        """NOOP."""
+        self._run(self._session.noop())
+
+    def utf8(self) -> None:
+        """Enter UTF-8 mode (RFC 6856)."""
+        self._run(self._session.utf8())
+
+    def quit(self) -> bool:
+        """QUIT and close. True when the server confirmed with ``+OK`` (the
+        deletions were applied); False when it answered ``-ERR`` or just
+        closed (deletions uncertain)."""
+        try:
+            return self._run(self._session.quit())
+        finally:
+            self.close()
+
+    def retrieve_many(self, msgs: Iterable[int], window: int = 16) -> Iterator[tuple[int, bytes]]:
+        """``(msg, data)`` for each message of ``msgs``, in order, each as
+        soon as it is complete; pipelined (``window`` RETRs outstanding)
+        when the server offers PIPELINING. A ``-ERR`` for one message raises
+        ``Pop3Error`` after the messages already asked for were yielded.
+        Leaving the loop early closes the connection."""
+        it = self._iterate(self._session.retrieve_many(msgs, window), self._deadline())
+        try:
+            for req in it:
+                assert isinstance(req, DeliverMessage)
+                yield req.msg, req.data
+        finally:
+            it.close()
+
+    def delete_many(self, msgs: Iterable[int], window: int = 16) -> int:
+        """Mark each message of ``msgs`` deleted, pipelined when possible;
+        returns how many were marked."""
+        return self._run(self._session.delete_many(msgs, window))
+
+
+def connect(
+    host: str,
+    port: int | None = None,
+    *,
+    tls: bool = True,
+    starttls: bool = False,
+    timeout: float | None = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
+    allow_insecure: bool = False,
+    operation_timeout: float | None = None,
+    limits: Limits | None = None,
+    connect_timeout: float | None = None,
+    greeting_timeout: float | None = None,
+    min_transfer_rate: float = 16384.0,
+) -> Client:
+    """Connect to a POP3 server and return a ready ``Client`` (greeting read,
+    CAPA asked, STLS done when asked for).
+
+    ``tls=True`` (the default) is implicit TLS on port 995 (RFC 8314);
+    ``starttls=True`` connects in plaintext (port 110) and requires STLS,
+    failing with ``Pop3TLSError`` before any credential is sent when the
+    server does not upgrade; ``tls=False`` alone is plaintext, where logins
+    that reveal a secret need ``allow_insecure=True``. Certificates and host
+    names are verified unless ``ssl_context`` says otherwise.
+    ``connect_timeout`` and ``greeting_timeout`` default to ``timeout``.
+    A server that closes the connection on CAPA is connected to again
+    without CAPA."""
+    implicit = tls and not starttls
+    if port is None:
+        port = POP3S_PORT if implicit else POP3_PORT
+    context = ssl_context
+    if context is None and (implicit or starttls):
+        context = ssl.create_default_context()
+    started = time.monotonic()
+    for capa in (True, False):
+        remaining = None
+        if operation_timeout is not None:
+            remaining = operation_timeout - (time.monotonic() - started)
+            if remaining <= 0:
+                raise Pop3TimeoutError("the operation deadline passed")
+        ctimeout = timeout if connect_timeout is None else connect_timeout
+        if remaining is not None and (ctimeout is None or remaining < ctimeout):
+            ctimeout = remaining
+        try:
+            sock = socket.create_connection((host, port), timeout=ctimeout)
+        except TimeoutError as exc:
+            raise Pop3TimeoutError(f"connecting to {host}:{port} timed out") from exc
+        try:
+            if implicit:
+                assert context is not None
+                sock = _handshake(sock, context, host, ctimeout)
+            client = Client(
+                sock,
+                host=host,
+                port=port,
+                ssl_context=context,
+                starttls=starttls,
+                allow_insecure=allow_insecure,
+                timeout=timeout,
+                greeting_timeout=greeting_timeout,
+                operation_timeout=remaining,
+                min_transfer_rate=min_transfer_rate,
+                limits=limits,
+                capa=capa,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            client.open()
+        except CapaClosedError:
+            client.close()
+            continue
+        except BaseException:
+            client.close()
+            raise
+        client.operation_timeout = operation_timeout
+        return client
+    raise CapaClosedError()  # pragma: no cover - the second try sends no CAPA

@@ -1,0 +1,2171 @@
+"""The ``pop3proto`` command line (also ``python -m pop3proto.bindings``).
+
+Subcommands::
+
+    pop3proto serve  [--listen HOST:PORT] [--tls-listen HOST:PORT] [--maildir ROOT]
+                     [--users FILE] [--cert PEM --key PEM] ...
+    pop3proto fetch  URL --maildir DIR [--keep] [--cafile PEM] ...
+    pop3proto bench  URL [--sessions N] [--concurrency C] [--duration S] [--json] ...
+    pop3proto passwd [--file FILE] USER
+    pop3proto demo
+
+Exit codes (every subcommand):
+
+====  ==================================================================
+0     success (``fetch``: every message was delivered)
+1     partial or failed delivery, or another runtime failure
+2     usage error (bad arguments, bad URL, unreadable configuration)
+3     authentication failed
+4     connection or TLS failure (could not connect, TLS refused or broken)
+130   interrupted (SIGINT)
+====  ==================================================================
+
+``serve`` prints one line per listener on start, ``pop3proto: listening on
+pop3://HOST:PORT`` (``pop3s://`` for implicit TLS), and exits 0 on SIGINT or
+SIGTERM after closing every session without UPDATE (RFC 1939 §6). It runs
+the asyncio server (on uvloop when importable; ``--sync`` picks the threaded
+one).
+
+TLS for ``fetch`` and ``bench``: ``pop3s://`` is implicit TLS; ``pop3://``
+requires STLS unless ``--insecure``, except on loopback (127.0.0.0/8, ::1,
+``localhost``), where STLS is used when offered and a plaintext login is
+allowed otherwise. Certificates are always verified (``--cafile`` adds CAs).
+
+``fetch`` delivers in the order that loses nothing (HARDENING 56-58): write
+``DIR/tmp/<unique>``, fsync, link into ``DIR/new/``, fsync ``DIR/new/``,
+record the UID in the account's store (``bindings.uidstore``), and only after
+every retrieval DELE and QUIT. A disk error stops it before any DELE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ssl
+
+    from pop3proto import ServerConfig
+    from pop3proto._auth import PasswordTable
+
+    from ._sync_client import Client
+    from .maildrop import MemoryMaildrop
+    from .uidstore import UidStore
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEMO_BENCH_ACCOUNTS",
+    "DEMO_PASSWORD",
+    "DEMO_USER",
+    "EXIT_AUTH",
+    "EXIT_CONNECT",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "STREAM_THRESHOLD",
+    "BenchOptions",
+    "FetchOptions",
+    "FetchResult",
+    "PopUrl",
+    "UsageError",
+    "bench_summary",
+    "build_parser",
+    "demo_authenticator",
+    "demo_maildrop",
+    "demo_messages",
+    "find_credentials",
+    "main",
+    "parse_address",
+    "parse_pop_url",
+    "run_bench",
+    "run_fetch",
+    "set_password",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_CONNECT = 4
+EXIT_INTERRUPTED = 130
+
+#: ``serve``'s plaintext port when no ``--listen`` is given (unprivileged).
+DEFAULT_PORT = 1110
+#: The embedded demo maildrop's account.
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo"
+#: Extra demo accounts ``demo1`` … ``demo16`` (same mail, same password), so a
+#: ``bench --spread 16`` can run 16 sessions at once without waiting for a
+#: maildrop lock.
+DEMO_BENCH_ACCOUNTS = 16
+
+#: Messages whose LIST size is at least this are streamed to disk one at a
+#: time instead of being held whole in a pipelined batch.
+STREAM_THRESHOLD = 4 * 1024 * 1024
+
+PROG = "pop3proto"
+
+
+class UsageError(Exception):
+    """Bad arguments, URL or configuration: exit code 2."""
+
+
+class _Exit(Exception):
+    """Leave a subcommand with an exit code and a message for stderr."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _err(text: str, stream: IO[str] | None = None) -> None:
+    print(f"{PROG}: {text}", file=stream or sys.stderr, flush=True)
+
+
+# ====================================================================== URLs
+
+
+@dataclass(frozen=True)
+class PopUrl:
+    """A POP URL (RFC 2384), in its ``pop://``, ``pop3://`` or ``pop3s://``
+    form. ``auth`` is None for "any mechanism" (no ``;AUTH=`` or
+    ``;AUTH=*``), ``"+APOP"``, ``"+USER"`` (USER/PASS), or an upper-case SASL
+    mechanism name. ``user`` is None when the URL names none."""
+
+    scheme: str
+    host: str
+    port: int
+    user: str | None = None
+    auth: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Implicit TLS (``pop3s://``)."""
+        return self.scheme == "pop3s"
+
+    @property
+    def mechanism(self) -> str | None:
+        """The ``mechanism`` argument for ``Client.login``: None (strongest
+        offered), ``"APOP"``, ``"USER"`` or a SASL name."""
+        if self.auth is None:
+            return None
+        if self.auth.startswith("+"):
+            return self.auth[1:]
+        return self.auth
+
+    def display(self) -> str:
+        """The URL without escapes for messages (no password ever)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.user}@" if self.user is not None else ""
+        return f"{self.scheme}://{user}{host}:{self.port}"
+
+
+_SCHEMES = {"pop": 110, "pop3": 110, "pop3s": 995}
+_SASL_NAME = re.compile(r"[A-Z0-9_-]{1,20}\Z")
+_REG_NAME = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%-]+\Z")
+_URL_MAX = 2048
+
+
+def _pct_decode(text: str, what: str) -> str:
+    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        raise UsageError(f"bad %-escape in the URL's {what}")
+    try:
+        value = unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"the URL's {what} is not UTF-8 once unescaped") from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise UsageError(f"control characters in the URL's {what}")
+    return value
+
+
+def parse_pop_url(text: str) -> PopUrl:
+    """Parse ``pop3://`` / ``pop3s://`` / ``pop://`` ``[user[;AUTH=mech]@]host[:port]``.
+
+    User name and mechanism are %-decoded (UTF-8); ``;AUTH=*`` means any
+    mechanism, ``;AUTH=+APOP`` APOP, ``;AUTH=+USER`` USER/PASS, anything else
+    a SASL mechanism name. A password in the URL (``user:pw@``), a path,
+    query or fragment, a bad port or host raise ``UsageError`` (RFC 2384
+    allows no passwords in URLs)."""
+    if len(text) > _URL_MAX:
+        raise UsageError("the URL is too long")
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _SCHEMES:
+        raise UsageError(f"not a POP URL (want pop3:// or pop3s://): {text!r}")
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    if any(c in rest for c in "/?#") or any(c.isspace() for c in rest):
+        raise UsageError("a POP URL has no path, query, fragment or spaces")
+    userinfo, at, hostport = rest.rpartition("@")
+    user: str | None = None
+    auth: str | None = None
+    if at:
+        enc_user, semi, params = userinfo.partition(";")
+        if ":" in enc_user:
+            raise UsageError("no passwords in POP URLs (RFC 2384); use $POP3_PASSWORD or ~/.netrc")
+        if enc_user:
+            user = _pct_decode(enc_user, "user name")
+        if semi:
+            key, eq, value = params.partition("=")
+            if key.lower() != "auth" or not eq or not value:
+                raise UsageError("the only URL parameter is ;AUTH=<mechanism>")
+            mech = _pct_decode(value, "mechanism").upper()
+            if mech == "*":
+                auth = None
+            elif mech in ("+APOP", "+USER"):
+                auth = mech
+            elif mech.startswith("+") or not _SASL_NAME.match(mech):
+                raise UsageError(f"unknown authentication type in the URL: {mech!r}")
+            else:
+                auth = mech
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise UsageError("unclosed [ in the URL's host")
+        host = hostport[1:end]
+        tail = hostport[end + 1 :]
+        if tail and not tail.startswith(":"):
+            raise UsageError("junk after the URL's [host]")
+        port_text = tail[1:] if tail else ""
+        if not host or not re.fullmatch(r"[0-9A-Fa-f:.]+", host):
+            raise UsageError("bad IPv6 address in the URL")
+    else:
+        host, colon, port_text = hostport.partition(":")
+        if colon and not port_text:
+            raise UsageError("empty port in the URL")
+        if not host or not _REG_NAME.match(host):
+            raise UsageError(f"bad host in the URL: {host!r}")
+        host = _pct_decode(host, "host")
+    port = _SCHEMES[scheme]
+    if port_text:
+        if not port_text.isdigit() or len(port_text) > 5 or not 1 <= int(port_text) <= 65535:
+            raise UsageError(f"bad port in the URL: {port_text!r}")
+        port = int(port_text)
+    return PopUrl("pop3" if scheme == "pop" else scheme, host.lower(), port, user, auth)
+
+
+def parse_address(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or ``:PORT`` (127.0.0.1) as
+    ``(host, port)``; port 0 means any free port. Raises ``UsageError``."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise UsageError(f"bad address {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise UsageError(f"bad address {text!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    host = host or "127.0.0.1"
+    if port_text == "":
+        return host, default_port
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+def _url_host(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ====================================================================== credentials
+
+
+def _is_loopback_literal(host: str) -> bool:
+    """A loopback IP literal or ``localhost`` (no DNS lookup)."""
+    from ._common import is_loopback
+
+    return host == "localhost" or is_loopback(host)
+
+
+def _resolves_to_loopback(host: str, port: int) -> bool:
+    if _is_loopback_literal(host):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    from ._common import is_loopback
+
+    return bool(infos) and all(is_loopback(str(info[4][0])) for info in infos)
+
+
+def find_credentials(
+    url: PopUrl,
+    *,
+    environ: Mapping[str, str] | None = None,
+    netrc_file: str | None = None,
+    interactive: bool | None = None,
+) -> tuple[str, str]:
+    """``(user, password)`` for ``url``: the password from ``$POP3_PASSWORD``,
+    then ``~/.netrc`` (an entry for the host whose login matches the URL's
+    user, or names the user when the URL does not), then a terminal prompt.
+    Raises ``UsageError`` when no user or no password can be found (never
+    prompts without a terminal)."""
+    env = os.environ if environ is None else environ
+    user = url.user
+    password = env.get("POP3_PASSWORD")
+    if password is None or user is None:
+        entry = _netrc_entry(url.host, netrc_file)
+        if entry is not None:
+            login, secret = entry
+            if user is None and login:
+                user = login
+            if password is None and secret and (not login or login == user):
+                password = secret
+    if user is None:
+        raise UsageError("the URL names no user (pop3://USER@HOST) and ~/.netrc has none")
+    if password is None:
+        tty = sys.stdin.isatty() if interactive is None else interactive
+        if not tty:
+            raise UsageError(
+                f"no password for {user}@{url.host}: set $POP3_PASSWORD or add the host to "
+                "~/.netrc (standard input is not a terminal, so there is no prompt)"
+            )
+        import getpass
+
+        password = getpass.getpass(f"Password for {user}@{url.host}: ")
+    if not password:
+        raise UsageError("empty password")
+    return user, password
+
+
+def _netrc_entry(host: str, path: str | None) -> tuple[str, str] | None:
+    import netrc
+
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & 0o077:
+        _err(f"warning: {path} is readable by other users; chmod 600 it")
+    try:
+        found = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError) as exc:
+        _err(f"warning: ignoring {path}: {exc}")
+        return None
+    if found is None:
+        return None
+    login, _account, password = found
+    return login or "", password or ""
+
+
+# ====================================================================== demo mail
+
+
+def _demo_attachment() -> str:
+    # Deterministic pseudo-random bytes, base64 in 76-column lines.
+    import base64
+    import hashlib
+
+    blob = b"".join(hashlib.sha256(b"pop3proto demo %d" % i).digest() for i in range(900))
+    text = base64.b64encode(blob).decode("ascii")
+    return "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+
+
+def demo_messages() -> list[bytes]:
+    """The embedded demo maildrop: a few realistic messages (plain text, a
+    RFC 2047 header, a multipart with a ~28 KB attachment, HTML, and a body
+    full of lines POP3 must dot-stuff), LF line ends as a Maildir stores
+    them. Deterministic."""
+    base = [
+        (
+            "Mon, 06 Jan 2025 09:12:44 +0000",
+            "Alice Example <alice@example.org>",
+            "Welcome to pop3proto",
+            "text/plain; charset=us-ascii",
+            "Hello,\n\nthis maildrop is served by pop3proto's demo server.\n"
+            "Try: pop3proto fetch pop3://demo@127.0.0.1:1110 --maildir ./mail\n\n-- \nAlice\n",
+        ),
+        (
+            "Tue, 07 Jan 2025 17:03:10 +0100",
+            "=?UTF-8?Q?J=C3=BCrgen_M=C3=BCller?= <juergen@example.net>",
+            "=?UTF-8?B?R3LDvMOfZSBhdXMgTcO8bmNoZW4=?=",
+            "text/plain; charset=utf-8",
+            "Servus!\n\nDie Umlaute stehen im Kopf, RFC 2047 kodiert.\n",
+        ),
+        (
+            "Wed, 08 Jan 2025 08:00:00 -0500",
+            "Reports <reports@example.com>",
+            "Quarterly figures (attachment)",
+            'multipart/mixed; boundary="=_pop3proto_demo"',
+            "This is a multi-part message in MIME format.\n\n--=_pop3proto_demo\n"
+            "Content-Type: text/plain; charset=us-ascii\n\nThe figures are attached.\n\n"
+            "--=_pop3proto_demo\nContent-Type: application/octet-stream; name=figures.bin\n"
+            "Content-Transfer-Encoding: base64\n"
+            "Content-Disposition: attachment; filename=figures.bin\n\n"
+            + _demo_attachment()
+            + "\n--=_pop3proto_demo--\n",
+        ),
+        (
+            "Thu, 09 Jan 2025 12:30:00 +0000",
+            "Newsletter <news@example.org>",
+            "This week in POP3",
+            "text/html; charset=us-ascii",
+            "<html><body><h1>This week</h1>\n<p>RFC 1939 is still going strong.</p>\n"
+            + "".join(f"<p>Item {i}: pipelining, UIDL, TOP.</p>\n" for i in range(1, 40))
+            + "</body></html>\n",
+        ),
+        (
+            "Fri, 10 Jan 2025 23:59:59 +0000",
+            "Bob <bob@example.org>",
+            "Lines that start with dots",
+            "text/plain; charset=us-ascii",
+            "These lines test dot-stuffing:\n.\n..\n...\n.hidden\n. \nthe end\n.",
+        ),
+    ]
+    out = []
+    for n, (date, sender, subject, ctype, body) in enumerate(base, 1):
+        head = (
+            f"Return-Path: <{sender.split('<')[-1].rstrip('>')}>\n"
+            f"Date: {date}\nFrom: {sender}\nTo: Demo User <demo@pop3proto.invalid>\n"
+            f"Subject: {subject}\nMessage-ID: <demo.{n}@pop3proto.invalid>\n"
+            f"MIME-Version: 1.0\nContent-Type: {ctype}\n\n"
+        )
+        out.append((head + body).encode("utf-8"))
+    return out
+
+
+def demo_maildrop(accounts: int = DEMO_BENCH_ACCOUNTS) -> MemoryMaildrop:
+    """A ``MemoryMaildrop`` with :func:`demo_messages` for ``demo`` and for
+    ``demo1`` … ``demo<accounts>``."""
+    from .maildrop import MemoryMaildrop
+
+    messages = demo_messages()
+    users = [DEMO_USER] + [f"{DEMO_USER}{i}" for i in range(1, accounts + 1)]
+    return MemoryMaildrop({u: messages for u in users})
+
+
+def demo_authenticator(accounts: int = DEMO_BENCH_ACCOUNTS) -> PasswordTable:
+    """Password ``demo`` for every demo account."""
+    from pop3proto._auth import PasswordTable
+
+    users = [DEMO_USER] + [f"{DEMO_USER}{i}" for i in range(1, accounts + 1)]
+    return PasswordTable(dict.fromkeys(users, DEMO_PASSWORD))
+
+
+# ====================================================================== serve
+
+
+def _loop_factory(use_uvloop: bool) -> tuple[Callable[[], Any], str]:
+    import asyncio
+
+    if use_uvloop:
+        try:
+            import importlib
+
+            uvloop = importlib.import_module("uvloop")
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop, "asyncio+uvloop"
+    return asyncio.new_event_loop, "asyncio"
+
+
+def _aio_server_class() -> Any:
+    try:
+        from . import aio
+    except ImportError:  # pragma: no cover - aio ships with the package
+        return None
+    return getattr(aio, "Server", None)
+
+
+def _server_ssl_context(cert: str, key: str | None) -> ssl.SSLContext:
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the certificate/key: {exc}") from None
+    return ctx
+
+
+@dataclass
+class _ServeSetup:
+    maildrop: Any
+    config: ServerConfig
+    listen: tuple[str, int] | None
+    tls_listen: tuple[str, int] | None
+    ssl_context: ssl.SSLContext | None
+    certificate: bytes | None
+    demo: bool
+
+
+def _serve_setup(args: argparse.Namespace) -> _ServeSetup:
+    from pop3proto import ServerConfig
+    from pop3proto._auth import CredentialFileError, FailureDelay, load_credentials
+
+    from ._common import server_certificate_der
+    from .maildrop import Maildir
+
+    listen = parse_address(args.listen, DEFAULT_PORT) if args.listen else None
+    tls_listen = parse_address(args.tls_listen, 995) if args.tls_listen else None
+    if listen is None and tls_listen is None:
+        listen = ("127.0.0.1", DEFAULT_PORT)
+    if args.key and not args.cert:
+        raise UsageError("--key needs --cert")
+    ctx = _server_ssl_context(args.cert, args.key) if args.cert else None
+    if tls_listen is not None and ctx is None:
+        raise UsageError("--tls-listen needs --cert (and --key)")
+    demo = args.maildir is None
+    if demo:
+        if args.users:
+            raise UsageError("--users needs --maildir (the demo maildrop has its own users)")
+        maildrop: Any = demo_maildrop()
+        authenticator: Any = demo_authenticator()
+    else:
+        if not os.path.isdir(args.maildir):
+            raise UsageError(f"--maildir {args.maildir}: not a directory")
+        if not args.users:
+            raise UsageError("--maildir needs --users FILE")
+        try:
+            with open(args.users, encoding="utf-8") as fh:
+                text = fh.read(16 * 1024 * 1024 + 1)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --users {args.users}: {exc}") from None
+        if len(text) > 16 * 1024 * 1024:
+            raise UsageError(f"--users {args.users} is larger than 16 MiB")
+        try:
+            authenticator = load_credentials(text)
+        except (CredentialFileError, ValueError) as exc:
+            raise UsageError(f"--users {args.users}: {exc}") from None
+        maildrop = Maildir(args.maildir)
+    expire = None
+    if args.expire is not None:
+        value = args.expire.upper()
+        if value != "NEVER" and not value.isdigit():
+            raise UsageError("--expire takes a number of days or NEVER")
+        expire = value
+    extra: dict[str, Any] = {}
+    if args.failure_delay is not None:
+        extra["failure_delay"] = FailureDelay(
+            base=args.failure_delay, maximum=max(15.0, args.failure_delay)
+        )
+    config = ServerConfig(
+        authenticator=authenticator,
+        hostname=args.hostname or socket.gethostname() or "localhost",
+        stls_available=ctx is not None,
+        allow_plaintext=args.allow_plaintext,
+        apop=args.apop,
+        idle_timeout=args.idle_timeout,
+        login_timeout=args.login_timeout,
+        expire=expire,
+        **extra,
+    )
+    cert_der = server_certificate_der(args.cert) if args.cert else None
+    return _ServeSetup(maildrop, config, listen, tls_listen, ctx, cert_der, demo)
+
+
+def _listen_lines(addresses: Iterable[tuple[str, int, bool]]) -> list[str]:
+    return [
+        f"{PROG}: listening on {'pop3s' if tls else 'pop3'}://{_url_host(host, port)}"
+        for host, port, tls in addresses
+    ]
+
+
+def _make_server(setup: _ServeSetup, kind: str, backlog: int) -> Any:
+    if kind == "sync":
+        from ._sync_server import Server as SyncServer
+
+        cls: Any = SyncServer
+    else:
+        cls = _aio_server_class()
+    try:
+        return cls(
+            setup.maildrop,
+            config=setup.config,
+            listen=setup.listen,
+            tls_listen=setup.tls_listen,
+            ssl_context=setup.ssl_context,
+            server_certificate=setup.certificate,
+            backlog=backlog,
+        )
+    except OSError as exc:
+        raise _Exit(EXIT_CONNECT, f"cannot listen: {exc.strerror or exc}") from None
+
+
+def _run_async(coro_fn: Callable[[], Any], factory: Callable[[], Any]) -> Any:
+    """Run ``coro_fn()`` to completion on a new loop made by ``factory``."""
+    import asyncio
+
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro_fn())
+    loop = factory()  # pragma: no cover - Python 3.10
+    try:  # pragma: no cover
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro_fn())
+    finally:  # pragma: no cover
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _serve_until_signal(
+    server: Any, kind: str, factory: Callable[[], Any], ready: Callable[[], None]
+) -> None:
+    """Run ``server`` until SIGINT or SIGTERM, then close it."""
+    import signal
+
+    if kind == "sync":
+        stop = threading.Event()
+        previous = {
+            sig: signal.signal(sig, lambda _s, _f: stop.set())
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            server.start()
+            ready()
+            while not stop.wait(3600):
+                pass
+        finally:
+            server.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return
+
+    async def body() -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        stop_event = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop_event.set)
+        try:
+            await server.start()
+            ready()
+            await stop_event.wait()
+        finally:
+            await server.close()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    _run_async(body, factory)
+
+
+def _run_workers(count: int, run_one: Callable[[], None]) -> int:
+    """Pre-fork: ``count`` child processes each run ``run_one`` on the
+    inherited listening sockets; the parent restarts a child that dies, and on
+    SIGINT/SIGTERM stops them all (by pid) and returns."""
+    import logging
+    import signal
+
+    log = logging.getLogger("pop3proto.server")
+    children: dict[int, float] = {}
+    stopping = threading.Event()
+
+    def spawn() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                run_one()
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def stop(_sig: int, _frame: object) -> None:
+        stopping.set()
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for _ in range(count):
+            spawn()
+        fast_deaths = 0
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            started = children.pop(pid, None)
+            if started is None or stopping.is_set():
+                continue
+            log.warning("worker %d exited (status %d); starting another", pid, status)
+            fast_deaths = fast_deaths + 1 if time.monotonic() - started < 1.0 else 0
+            if fast_deaths > 5:
+                log.error("workers keep dying at start; giving up")
+                stop(0, None)
+                return EXIT_FAILED
+            spawn()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    _setup_logging(args.log_level)
+    log = logging.getLogger("pop3proto.server")
+    setup = _serve_setup(args)
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.workers > 1 and setup.demo:
+        raise UsageError("--workers needs --maildir (each worker would get its own demo maildrop)")
+    kind = "sync" if args.sync or _aio_server_class() is None else "aio"
+    factory, loop_name = _loop_factory(not args.no_uvloop)
+    server = _make_server(setup, kind, args.backlog)
+    engine = "threads" if kind == "sync" else loop_name
+    log.info("pop3proto server starting (%s, %d worker(s))", engine, args.workers)
+
+    def announce() -> None:
+        for line in _listen_lines(server.addresses):
+            print(line)
+        if setup.demo:
+            print(
+                f"{PROG}: demo maildrop: user {DEMO_USER!r} password {DEMO_PASSWORD!r} "
+                f"({len(demo_messages())} messages)"
+            )
+        sys.stdout.flush()
+
+    if args.workers > 1:
+        announce()
+        code = _run_workers(
+            args.workers, lambda: _serve_until_signal(server, kind, factory, lambda: None)
+        )
+        with contextlib.suppress(Exception):
+            if kind == "sync":
+                server.close()
+            else:  # never started here: closing releases the listeners
+                _run_async(server.close, factory)
+        log.info("pop3proto server stopped")
+        return code
+    _serve_until_signal(server, kind, factory, announce)
+    log.info("pop3proto server stopped")
+    return EXIT_OK
+
+
+# ====================================================================== passwd
+
+
+def _read_new_password(stdin: IO[str], interactive: bool) -> str:
+    if not interactive:
+        line = stdin.readline(64 * 1024 + 1)
+        if len(line) > 64 * 1024:
+            raise UsageError("password longer than 64 KiB")
+        password = line.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise UsageError("no password on standard input")
+        return password
+    import getpass
+
+    first = getpass.getpass("New password: ")
+    if not first:
+        raise UsageError("empty password")
+    if getpass.getpass("Retype new password: ") != first:
+        raise UsageError("the passwords do not match")
+    return first
+
+
+def _atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write ``path`` as temporary file, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def set_password(path: str, user: str, password: str, *, iterations: int = 4096) -> bool:
+    """Write or replace ``user``'s line in the credential file ``path`` with
+    SCRAM-SHA-256 and SCRAM-SHA-1 verifiers of ``password`` (no plaintext is
+    stored), atomically and with mode 0600. Other lines, comments included,
+    are kept. Returns True when the user existed. Raises ``UsageError`` for an
+    invalid user name or an existing file that does not parse."""
+    from pop3proto._auth import (
+        CredentialFileError,
+        format_entry,
+        make_scram_verifier,
+        parse_file,
+    )
+    from pop3proto._sasl import SaslError, prepare_identity
+
+    try:
+        entry = format_entry(
+            user,
+            [
+                make_scram_verifier(password, "SHA-256", iterations),
+                make_scram_verifier(password, "SHA-1", iterations),
+            ],
+        )
+        wanted = prepare_identity(user)
+    except (CredentialFileError, SaslError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            old = fh.read(16 * 1024 * 1024 + 1)
+    except FileNotFoundError:
+        old = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    if len(old) > 16 * 1024 * 1024:
+        raise UsageError(f"{path} is larger than 16 MiB")
+    try:
+        parse_file(old)
+    except CredentialFileError as exc:
+        raise UsageError(f"{path}: {exc}; fix it first") from None
+    lines = old.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    found = False
+    for i, raw in enumerate(lines):
+        line = raw.removesuffix("\r")
+        if not line.strip() or line.startswith("#"):
+            continue
+        name = line.partition(":")[0]
+        try:
+            same = prepare_identity(name) == wanted
+        except SaslError:
+            same = False
+        if same:
+            lines[i] = entry
+            found = True
+            break
+    if not found:
+        lines.append(entry)
+    text = "\n".join(lines) + "\n"
+    parse_file(text)  # never write a file the server cannot read
+    _atomic_write(path, text.encode("utf-8"))
+    return found
+
+
+def _cmd_passwd(args: argparse.Namespace) -> int:
+    if args.iterations < 4096:
+        raise UsageError("--iterations must be at least 4096")
+    interactive = sys.stdin.isatty()
+    password = _read_new_password(sys.stdin, interactive)
+    try:
+        existed = set_password(args.file, args.user, password, iterations=args.iterations)
+    except OSError as exc:
+        raise _Exit(EXIT_FAILED, f"cannot write {args.file}: {exc.strerror or exc}") from None
+    verb = "updated" if existed else "added"
+    _err(f"{verb} {args.user!r} in {args.file} (SCRAM-SHA-256, SCRAM-SHA-1)")
+    return EXIT_OK
+
+
+# ====================================================================== fetch
+
+
+class _DiskError(Exception):
+    """Writing to the Maildir or the UID store failed: stop, delete nothing."""
+
+
+#: link() errors meaning "this file system has no hard links".
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+)
+
+_name_lock = threading.Lock()
+_name_counter = 0
+
+
+def _maildir_name() -> str:
+    """A Maildir unique name: seconds, microseconds, pid, counter, random, host."""
+    import secrets
+
+    global _name_counter
+    with _name_lock:
+        _name_counter += 1
+        n = _name_counter
+    sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
+    host = socket.gethostname() or "localhost"
+    host = host.replace("/", r"\057").replace(":", r"\072")
+    return f"{sec}.M{usec}P{os.getpid()}Q{n}R{secrets.token_hex(4)}.{host}"
+
+
+class _Delivery:
+    """Maildir delivery in the safe order: ``tmp/<unique>`` → write → fsync →
+    link into ``new/`` → fsync ``new/`` → unlink the tmp name. Every tmp file
+    it creates is removed on failure (and by :meth:`cleanup`)."""
+
+    _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+    def __init__(self, path: str, lf: bool) -> None:
+        self.path = path
+        self.lf = lf
+        self._fds: dict[str, int] = {}
+        self._pending: set[str] = set()
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            for sub in ("tmp", "new", "cur"):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.join(path, sub), 0o700)
+            for sub in ("tmp", "new"):
+                self._fds[sub] = os.open(os.path.join(path, sub), self._DIR | os.O_NOFOLLOW)
+        except OSError as exc:
+            self.close()
+            raise UsageError(f"--maildir {path}: {exc.strerror or exc}") from None
+
+    def begin(self) -> _TmpMessage:
+        name = _maildir_name()
+        try:
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self._fds["tmp"],
+            )
+        except OSError as exc:
+            raise _DiskError(f"cannot create a file in {self.path}/tmp: {exc.strerror}") from exc
+        self._pending.add(name)
+        return _TmpMessage(self, name, fd)
+
+    def deliver(self, data: bytes) -> str:
+        msg = self.begin()
+        try:
+            msg.write(data)
+            return msg.finish()
+        except BaseException:
+            msg.abort()
+            raise
+
+    def _unlink_tmp(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=self._fds["tmp"])
+        self._pending.discard(name)
+
+    def cleanup(self) -> None:
+        """Remove every tmp file this delivery created and did not finish."""
+        for name in list(self._pending):
+            self._unlink_tmp(name)
+
+    def close(self) -> None:
+        self.cleanup()
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
+class _TmpMessage:
+    """One message being written to ``tmp/`` (file-like: ``write``)."""
+
+    def __init__(self, delivery: _Delivery, name: str, fd: int) -> None:
+        self.delivery = delivery
+        self.name = name
+        self.fd = fd
+        self.size = 0
+        self._cr = False  # a CR held back for LF conversion across chunks
+
+    def _raw_write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            raise _DiskError(f"writing to {self.delivery.path}/tmp: {exc.strerror}") from exc
+
+    def write(self, data: bytes) -> int:
+        """Append ``data`` (the message as received) to the file."""
+        self.size += len(data)
+        if self.delivery.lf:
+            if self._cr:
+                data = b"\r" + data
+                self._cr = False
+            if data.endswith(b"\r"):
+                data = data[:-1]
+                self._cr = True
+            data = data.replace(b"\r\n", b"\n")
+        if data:
+            self._raw_write(data)
+        return len(data)
+
+    def finish(self) -> str:
+        """fsync, link into ``new/``, fsync ``new/``; returns the file name."""
+        d = self.delivery
+        try:
+            if self._cr:
+                self._raw_write(b"\r")
+                self._cr = False
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                raise _DiskError(f"fsync in {d.path}/tmp: {exc.strerror}") from exc
+        finally:
+            fd, self.fd = self.fd, -1
+            if fd >= 0:
+                os.close(fd)
+        try:
+            try:
+                os.link(self.name, self.name, src_dir_fd=d._fds["tmp"], dst_dir_fd=d._fds["new"])
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                # A file system without hard links: rename is just as atomic.
+                os.rename(self.name, self.name, src_dir_fd=d._fds["tmp"], dst_dir_fd=d._fds["new"])
+        except OSError as exc:
+            d._unlink_tmp(self.name)
+            raise _DiskError(f"linking into {d.path}/new: {exc.strerror}") from exc
+        try:
+            os.fsync(d._fds["new"])
+        except OSError as exc:
+            # Not durable: take the message back out so it is fetched again.
+            with contextlib.suppress(OSError):
+                os.unlink(self.name, dir_fd=d._fds["new"])
+            d._unlink_tmp(self.name)
+            raise _DiskError(f"fsync of {d.path}/new: {exc.strerror}") from exc
+        d._unlink_tmp(self.name)
+        return self.name
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        self.delivery._unlink_tmp(self.name)
+
+
+@dataclass
+class FetchOptions:
+    """What ``pop3proto fetch`` was asked to do (see ``pop3proto fetch --help``)."""
+
+    url: PopUrl
+    maildir: str
+    user: str
+    password: str
+    keep: bool = False
+    cafile: str | None = None
+    delete_after_days: float | None = None
+    only_new: bool = True
+    max_size: int | None = None
+    insecure: bool = False
+    window: int = 16
+    lf: bool = False
+    timeout: float = 60.0
+    progress: bool = False
+
+
+@dataclass
+class FetchResult:
+    """What a fetch did. ``exit_code`` follows the module's table."""
+
+    host: str
+    listed: int = 0
+    fetched: int = 0
+    octets: int = 0
+    deleted: int = 0
+    failed: int = 0
+    already: int = 0
+    deletions_uncertain: bool = False
+    #: Logged in (the counts mean something).
+    connected: bool = False
+    exit_code: int = EXIT_OK
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> int:
+        """Messages left on the server."""
+        return self.listed - self.deleted
+
+    def summary(self) -> str:
+        """``fetched N messages (X bytes) from HOST; deleted M; kept K``."""
+        line = (
+            f"fetched {self.fetched} message{'s' if self.fetched != 1 else ''} "
+            f"({self.octets} bytes) from {self.host}; deleted {self.deleted}; kept {self.kept}"
+        )
+        if self.failed:
+            line += f"; failed {self.failed}"
+        if self.deletions_uncertain:
+            line += " (deletions unconfirmed)"
+        return line
+
+
+def _client_ssl_context(cafile: str | None) -> ssl.SSLContext:
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--cafile {cafile}: {exc}") from None
+
+
+def _open_client(
+    url: PopUrl,
+    *,
+    cafile: str | None,
+    insecure: bool,
+    timeout: float,
+    max_message_size: int | None = None,
+) -> Client:
+    """Connect for ``url``: implicit TLS for pop3s://; for pop3:// STLS is
+    required unless ``insecure`` or the host is loopback, where STLS is used
+    when offered and plaintext logins are allowed otherwise."""
+    from pop3proto._limits import Limits
+
+    from ._sync_client import connect
+
+    ctx = _client_ssl_context(cafile)
+    limits = Limits(max_message_size=max_message_size) if max_message_size else None
+    if url.tls:
+        return connect(
+            url.host, url.port, tls=True, ssl_context=ctx, timeout=timeout, limits=limits
+        )
+    if insecure or _is_loopback_literal(url.host):
+        client = connect(
+            url.host,
+            url.port,
+            tls=False,
+            allow_insecure=True,
+            ssl_context=ctx,
+            timeout=timeout,
+            limits=limits,
+        )
+        try:
+            caps = client.capabilities()
+            if caps is not None and caps.stls:
+                client.starttls()
+        except BaseException:
+            client.close()
+            raise
+        return client
+    return connect(
+        url.host,
+        url.port,
+        tls=False,
+        starttls=True,
+        ssl_context=ctx,
+        timeout=timeout,
+        limits=limits,
+    )
+
+
+def _connect_and_login(
+    url: PopUrl,
+    user: str,
+    password: str,
+    *,
+    cafile: str | None,
+    insecure: bool,
+    timeout: float,
+    max_message_size: int | None = None,
+) -> Client:
+    """Connected and logged in, or ``_Exit`` with code 4 (connect/TLS) or 3 (login)."""
+    import ssl
+
+    from pop3proto import Pop3Error, Pop3TLSError, ProtocolError
+
+    where = _url_host(url.host, url.port)
+    try:
+        client = _open_client(
+            url,
+            cafile=cafile,
+            insecure=insecure,
+            timeout=timeout,
+            max_message_size=max_message_size,
+        )
+    except Pop3TLSError as exc:
+        hint = "" if url.tls or insecure else " (use pop3s://, or --insecure to allow plaintext)"
+        raise _Exit(EXIT_CONNECT, f"TLS with {where} failed: {exc}{hint}") from None
+    except (Pop3Error, ProtocolError, OSError, ssl.SSLError) as exc:
+        raise _Exit(EXIT_CONNECT, f"cannot connect to {where}: {exc}") from None
+    try:
+        client.login(user, password, mechanism=url.mechanism)
+    except Pop3TLSError as exc:
+        client.close()
+        raise _Exit(EXIT_AUTH, f"login refused without TLS: {exc} (--insecure allows it)") from None
+    except (Pop3Error, ValueError) as exc:
+        client.close()
+        raise _Exit(EXIT_AUTH, f"login as {user!r} at {where} failed: {exc}") from None
+    except (ProtocolError, OSError) as exc:
+        client.close()
+        raise _Exit(EXIT_CONNECT, f"connection to {where} failed during login: {exc}") from None
+    return client
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, stream: IO[str]) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.stream = stream
+        self.shown = False
+
+    def update(self, done: int, octets: int) -> None:
+        if self.enabled:
+            self.stream.write(f"\r{PROG}: {done}/{self.total} messages, {octets / 1e6:.1f} MB  ")
+            self.stream.flush()
+            self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def run_fetch(opts: FetchOptions, *, stderr: IO[str] | None = None) -> FetchResult:
+    """Download the maildrop at ``opts.url`` into the Maildir ``opts.maildir``.
+
+    Per message: written to ``tmp/``, fsynced, linked into ``new/``, ``new/``
+    fsynced, its UID recorded in the account's UID store (appended and
+    fsynced); only then, after all retrievals, are messages deleted (DELE +
+    QUIT) — unless ``keep`` (or ``delete_after_days``, which keeps messages
+    that long after their delivery). Messages recorded by an earlier run are
+    skipped (``only_new``) and deleted when their time has come. A message
+    that fails (``-ERR``, broken body, size cap) is neither delivered nor
+    deleted; a disk error stops the fetch without any DELE. Never raises for
+    runtime failures: the result carries the exit code and the errors."""
+    from pop3proto import Pop3Error, ProtocolError
+
+    from .uidstore import UidStore, UidStoreError
+
+    err = stderr or sys.stderr
+    result = FetchResult(host=opts.url.host)
+    url = opts.url
+    delivery = _Delivery(opts.maildir, opts.lf)
+    store: UidStore | None = None
+    client: Client | None = None
+
+    def fail(code: int, message: str) -> None:
+        result.errors.append(message)
+        _err(f"fetch: {message}", err)
+        if result.exit_code == EXIT_OK or code == EXIT_FAILED:
+            result.exit_code = code
+
+    try:
+        try:
+            store = UidStore.for_maildir(opts.maildir, url.host, url.port, opts.user)
+        except UidStoreError as exc:
+            fail(EXIT_FAILED, str(exc))
+            return result
+        client = _connect_and_login(
+            url,
+            opts.user,
+            opts.password,
+            cafile=opts.cafile,
+            insecure=opts.insecure,
+            timeout=opts.timeout,
+            max_message_size=opts.max_size,
+        )
+        result.connected = True
+        _fetch_session(client, store, delivery, opts, result, fail, err)
+    except _Exit as exc:
+        fail(exc.code, exc.message)
+    except (Pop3Error, ProtocolError, OSError) as exc:
+        fail(EXIT_FAILED, f"connection to {url.host} failed: {exc}")
+    finally:
+        if client is not None:
+            client.close()
+        delivery.close()
+        if store is not None:
+            store.close()
+    return result
+
+
+def _fetch_session(
+    client: Client,
+    store: UidStore,
+    delivery: _Delivery,
+    opts: FetchOptions,
+    result: FetchResult,
+    fail: Callable[[int, str], None],
+    err: IO[str],
+) -> None:
+    from pop3proto import Pop3Error
+
+    from .uidstore import UidStoreError
+
+    keep_new = opts.keep or opts.delete_after_days is not None
+    caps = client.capabilities()
+    if opts.delete_after_days is not None and caps is not None:
+        expire = caps.expire
+        if expire is not None and expire[0] is not None and expire[0] < opts.delete_after_days:
+            days = expire[0]
+            _err(
+                f"fetch: warning: the server expires messages after {days} day(s) "
+                f"(EXPIRE), before --delete-after-days {opts.delete_after_days:g}",
+                err,
+            )
+    sizes = client.list()
+    result.listed = len(sizes)
+    have_uidl = True
+    try:
+        uids: dict[int, str] = client.uidl()
+    except Pop3Error as exc:
+        if not client.session.usable:
+            raise
+        uids = {}
+        have_uidl = False
+        if keep_new:
+            _err(f"fetch: warning: no UIDL ({exc}): every run will fetch every message", err)
+    if uids:
+        if set(uids) != set(sizes):
+            fail(EXIT_FAILED, "UIDL and LIST disagree about the messages; nothing fetched")
+            return
+        if len(set(uids.values())) != len(uids):
+            fail(EXIT_FAILED, "the server sent the same UID for two messages; nothing fetched")
+            return
+    now = time.time()
+
+    def old_enough(uid: str) -> bool:
+        if not keep_new:
+            return True
+        if opts.delete_after_days is None:
+            return False
+        when = store.delivered_at(uid)
+        return when is not None and now - when >= opts.delete_after_days * 86400
+
+    to_fetch: list[int] = []
+    to_delete: list[int] = []
+    for msg in sorted(sizes):
+        uid = uids.get(msg)
+        if uid is not None and uid in store:
+            result.already += 1
+            if opts.only_new:
+                if old_enough(uid):
+                    to_delete.append(msg)
+                continue
+        if opts.max_size is not None and sizes[msg] > opts.max_size:
+            result.failed += 1
+            _err(
+                f"fetch: message {msg} is {sizes[msg]} octets, over --max-size: left on the server",
+                err,
+            )
+            continue
+        to_fetch.append(msg)
+
+    progress = _Progress(opts.progress, len(to_fetch), err)
+    delivered: list[int] = []
+    disk_failed = False
+
+    def accept(msg: int, data: bytes | None, size: int, name: str | None = None) -> None:
+        """A message arrived whole: deliver it (unless already written) and record its UID."""
+        listed = sizes.get(msg, -1)
+        if size not in (listed, listed + 2):
+            _err(f"fetch: warning: message {msg}: LIST said {listed} octets, RETR gave {size}", err)
+        if name is None:
+            assert data is not None
+            delivery.deliver(data)
+        uid = uids.get(msg)
+        if uid is not None:
+            try:
+                store.add(uid)
+            except UidStoreError as exc:
+                raise _DiskError(str(exc)) from exc
+        delivered.append(msg)
+        result.fetched += 1
+        result.octets += size
+        progress.update(result.fetched, result.octets)
+
+    try:
+        _retrieve_all(client, to_fetch, sizes, opts.window, delivery, accept, result, err)
+    except _DiskError as exc:
+        disk_failed = True
+        fail(EXIT_FAILED, f"{exc}; stopped without deleting anything")
+    finally:
+        progress.end()
+    if disk_failed or not client.session.usable:
+        if not disk_failed:
+            fail(EXIT_FAILED, "the connection broke; nothing was deleted this time")
+        return
+    if not keep_new:
+        to_delete.extend(delivered)
+    marked = _delete(client, sorted(to_delete), opts.window, err) if to_delete else []
+    quit_ok = client.quit()
+    if marked and not quit_ok:
+        result.deletions_uncertain = True
+        _err("fetch: warning: QUIT was not confirmed: the deletions may not have happened", err)
+    elif quit_ok:
+        result.deleted = len(marked)
+    if have_uidl:
+        gone = {uids[m] for m in marked} if quit_ok else set()
+        try:
+            store.prune(uid for uid in uids.values() if uid not in gone)
+        except UidStoreError as exc:
+            _err(f"fetch: warning: {exc}", err)
+    if result.failed:
+        fail(EXIT_FAILED, f"{result.failed} message(s) were not delivered (left on the server)")
+
+
+def _retrieve_all(
+    client: Client,
+    msgs: list[int],
+    sizes: dict[int, int],
+    window: int,
+    delivery: _Delivery,
+    accept: Callable[[int, bytes | None, int, str | None], None],
+    result: FetchResult,
+    err: IO[str],
+) -> None:
+    """Retrieve ``msgs`` in order: runs of small messages pipelined
+    (``retrieve_many``), large ones streamed straight into ``tmp/``. A
+    message answered ``-ERR`` counts as failed and the rest go on; a broken
+    connection or a disk error ends the loop."""
+    from pop3proto import Pop3Error
+
+    i = 0
+    while i < len(msgs) and client.session.usable:
+        if sizes[msgs[i]] >= STREAM_THRESHOLD:
+            msg = msgs[i]
+            i += 1
+            tmp = delivery.begin()
+            try:
+                size = client.retrieve_into(msg, tmp)
+                name = tmp.finish()
+            except Pop3Error as exc:
+                tmp.abort()
+                if not client.session.usable:
+                    raise
+                result.failed += 1
+                _err(f"fetch: message {msg} not retrieved: {exc}", err)
+                continue
+            except BaseException:
+                tmp.abort()
+                raise
+            accept(msg, None, size, name)
+            continue
+        run: list[int] = []
+        while i < len(msgs) and sizes[msgs[i]] < STREAM_THRESHOLD:
+            run.append(msgs[i])
+            i += 1
+        done: set[int] = set()
+        try:
+            for msg, data in client.retrieve_many(run, window):
+                accept(msg, data, len(data), None)
+                done.add(msg)
+        except Pop3Error:
+            if not client.session.usable:
+                raise
+            # Some RETR got -ERR: find out which, one at a time.
+            for msg in run:
+                if msg in done:
+                    continue
+                try:
+                    data = client.retrieve(msg)
+                except Pop3Error as exc:
+                    if not client.session.usable:
+                        raise
+                    result.failed += 1
+                    _err(f"fetch: message {msg} not retrieved: {exc}", err)
+                    continue
+                accept(msg, data, len(data), None)
+
+
+def _delete(client: Client, msgs: list[int], window: int, err: IO[str]) -> list[int]:
+    """Mark ``msgs`` deleted; returns those marked."""
+    from pop3proto import Pop3Error
+
+    try:
+        client.delete_many(msgs, window)
+        return msgs
+    except Pop3Error:
+        if not client.session.usable:
+            raise
+    # Which ones failed? Start over one at a time.
+    client.reset()
+    marked = []
+    for msg in msgs:
+        try:
+            client.delete(msg)
+            marked.append(msg)
+        except Pop3Error as exc:
+            if not client.session.usable:
+                raise
+            _err(f"fetch: warning: message {msg} could not be deleted: {exc}", err)
+    return marked
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    url = parse_pop_url(args.url)
+    if args.window < 1 or args.window > 64:
+        raise UsageError("--window must be 1..64")
+    if args.delete_after_days is not None and args.delete_after_days < 0:
+        raise UsageError("--delete-after-days must not be negative")
+    if args.max_size is not None and args.max_size < 1:
+        raise UsageError("--max-size must be positive")
+    user, password = find_credentials(url)
+    opts = FetchOptions(
+        url=url,
+        maildir=args.maildir,
+        user=user,
+        password=password,
+        keep=args.keep,
+        cafile=args.cafile,
+        delete_after_days=args.delete_after_days,
+        only_new=args.only_new,
+        max_size=args.max_size,
+        insecure=args.insecure,
+        window=args.window,
+        lf=args.lf,
+        timeout=args.timeout,
+        progress=sys.stderr.isatty() and not args.quiet,
+    )
+    result = run_fetch(opts)
+    if result.connected and (not args.quiet or result.exit_code != EXIT_OK):
+        print(result.summary(), flush=True)
+    return result.exit_code
+
+
+# ====================================================================== bench
+
+
+@dataclass
+class BenchOptions:
+    """A bounded load run: at most ``sessions`` sessions and ``duration``
+    seconds, ``concurrency`` at a time; each session connects, logs in,
+    STAT, UIDL, RETR 1..``retr``, QUIT. With ``spread`` N, worker *i* logs in
+    as ``user`` + str(i % N + 1) (for servers that lock a maildrop per
+    session, as ours does)."""
+
+    url: PopUrl
+    user: str
+    password: str
+    sessions: int = 1000
+    concurrency: int = 8
+    duration: float = 10.0
+    retr: int = 5
+    pipelining: bool = True
+    window: int = 16
+    cafile: str | None = None
+    insecure: bool = False
+    timeout: float = 10.0
+    spread: int = 0
+
+
+_PHASES = ("connect", "login", "stat", "uidl", "retr", "quit")
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+        return round(ordered[k] * 1000.0, 3)
+
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99)}
+
+
+def run_bench(opts: BenchOptions, *, use_uvloop: bool = True) -> dict[str, Any]:
+    """Run the load and return the report (the ``--json`` shape)::
+
+        {"url", "server", "client", "concurrency", "retr", "pipelining",
+         "duration_s", "sessions", "sessions_failed", "sessions_unfinished",
+         "messages", "bytes", "sessions_per_s", "mb_per_s",
+         "latency_ms": {"session": {"p50","p90","p99"}, "login": {...}},
+         "errors": {"connect": n, "login": n, ...}, "error_samples": [str]}
+
+    Sessions are tasks on one asyncio event loop (uvloop when importable)
+    using the asyncio client. No session starts after ``duration`` seconds
+    or once ``sessions`` have started; every command is bounded by
+    ``timeout``, and sessions still running a few timeouts after the end
+    are cancelled (counted as unfinished), so the run always ends by itself.
+    Must not be called from a running event loop."""
+    factory, loop_name = _loop_factory(use_uvloop)
+    report: dict[str, Any] = _run_async(lambda: _bench(opts), factory)
+    report["client"] = loop_name
+    return report
+
+
+async def _bench(opts: BenchOptions) -> dict[str, Any]:
+    import asyncio
+
+    from .aio import Client as AioClient
+    from .aio import connect
+
+    url = opts.url
+    started = 0
+    session_times: list[float] = []
+    login_times: list[float] = []
+    errors = dict.fromkeys(_PHASES, 0)
+    samples: list[str] = []
+    totals = {"messages": 0, "bytes": 0}
+    ctx = _client_ssl_context(opts.cafile) if url.tls or not opts.insecure else None
+    loopback = _is_loopback_literal(url.host)
+    begin = time.perf_counter()
+    deadline = begin + opts.duration
+
+    async def one_session(user: str) -> None:
+        phase = "connect"
+        t0 = time.perf_counter()
+        client: AioClient | None = None
+        try:
+            if url.tls:
+                client = await connect(
+                    url.host, url.port, tls=True, ssl_context=ctx, timeout=opts.timeout
+                )
+            else:
+                client = await connect(
+                    url.host,
+                    url.port,
+                    tls=False,
+                    starttls=not (opts.insecure or loopback),
+                    allow_insecure=opts.insecure or loopback,
+                    ssl_context=ctx,
+                    timeout=opts.timeout,
+                )
+            phase = "login"
+            await client.login(user, opts.password, mechanism=url.mechanism)
+            t_login = time.perf_counter() - t0
+            phase = "stat"
+            count, _size = await client.stat()
+            phase = "uidl"
+            await client.uidl()
+            phase = "retr"
+            wanted = range(1, min(opts.retr, count) + 1)
+            got = octets = 0
+            if opts.pipelining:
+                async for _msg, data in client.retrieve_many(wanted, opts.window):
+                    got += 1
+                    octets += len(data)
+            else:
+                for msg in wanted:
+                    octets += len(await client.retrieve(msg))
+                    got += 1
+            phase = "quit"
+            await client.quit()
+            session_times.append(time.perf_counter() - t0)
+            login_times.append(t_login)
+            totals["messages"] += got
+            totals["bytes"] += octets
+        except Exception as exc:
+            errors[phase] += 1
+            text = f"{phase}: {type(exc).__name__}: {exc}"
+            if len(samples) < 5 and text not in samples:
+                samples.append(text)
+        finally:
+            if client is not None:
+                client.close()
+
+    async def worker(index: int) -> None:
+        nonlocal started
+        user = f"{opts.user}{index % opts.spread + 1}" if opts.spread else opts.user
+        while started < opts.sessions and time.perf_counter() < deadline:
+            started += 1
+            await one_session(user)
+
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(opts.concurrency)]
+    # Every command is bounded by the timeout: a session in flight at the
+    # deadline ends within a few timeouts, or is cancelled.
+    hard_stop = deadline + 4 * opts.timeout + 1.0
+    _done, pending = await asyncio.wait(tasks, timeout=max(0.0, hard_stop - time.perf_counter()))
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    elapsed = time.perf_counter() - begin
+    ok = len(session_times)
+    return {
+        "url": url.display(),
+        "server": _url_host(url.host, url.port),
+        "client": "asyncio",
+        "concurrency": opts.concurrency,
+        "retr": opts.retr,
+        "pipelining": opts.pipelining,
+        "duration_s": round(elapsed, 3),
+        "sessions": ok,
+        "sessions_failed": sum(errors.values()),
+        "sessions_unfinished": len(pending),
+        "messages": totals["messages"],
+        "bytes": totals["bytes"],
+        "sessions_per_s": round(ok / elapsed, 2) if elapsed > 0 else 0.0,
+        "mb_per_s": round(totals["bytes"] / elapsed / 1e6, 3) if elapsed > 0 else 0.0,
+        "latency_ms": {
+            "session": _percentiles(session_times),
+            "login": _percentiles(login_times),
+        },
+        "errors": dict(errors),
+        "error_samples": list(samples),
+    }
+
+
+def bench_summary(report: dict[str, Any]) -> str:
+    """One line: sessions/s, MB/s, latency percentiles, errors."""
+    s = report["latency_ms"]["session"]
+    lg = report["latency_ms"]["login"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    return (
+        f"bench {report['server']}: {report['sessions']} sessions in {report['duration_s']:.1f} s "
+        f"({report['sessions_per_s']:.1f}/s, {report['mb_per_s']:.2f} MB/s, "
+        f"{report['messages']} messages); session p50/p90/p99 "
+        f"{ms(s['p50'])}/{ms(s['p90'])}/{ms(s['p99'])} ms; login p50/p90/p99 "
+        f"{ms(lg['p50'])}/{ms(lg['p90'])}/{ms(lg['p99'])} ms; errors {report['sessions_failed']}"
+    )
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    url = parse_pop_url(args.url)
+    if not 1 <= args.concurrency <= 1024:
+        raise UsageError("--concurrency must be 1..1024")
+    if args.sessions < 1:
+        raise UsageError("--sessions must be positive")
+    if not 0 < args.duration <= 3600:
+        raise UsageError("--duration must be in (0, 3600] seconds")
+    if args.retr < 0:
+        raise UsageError("--retr must not be negative")
+    if args.spread < 0:
+        raise UsageError("--spread must not be negative")
+    if not args.allow_remote and not _resolves_to_loopback(url.host, url.port):
+        raise UsageError(
+            f"{url.host} is not a loopback address: pass --allow-remote to load a remote server"
+        )
+    user, password = find_credentials(url)
+    opts = BenchOptions(
+        url=url,
+        user=user,
+        password=password,
+        sessions=args.sessions,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        retr=args.retr,
+        pipelining=args.pipelining == "on",
+        window=args.window,
+        cafile=args.cafile,
+        insecure=args.insecure,
+        timeout=args.timeout,
+        spread=args.spread,
+    )
+    report = run_bench(opts, use_uvloop=not args.no_uvloop)
+    if args.json:
+        print(json.dumps(report, indent=1), flush=True)
+    else:
+        print(bench_summary(report), flush=True)
+        for sample in report["error_samples"]:
+            _err(f"bench: {sample}")
+    if any("IN-USE" in sample for sample in report["error_samples"]):
+        _err(
+            "bench: hint: the server locks a maildrop per session; use --spread N "
+            f"with accounts {user}1..{user}N (the demo server has {DEMO_BENCH_ACCOUNTS})"
+        )
+    if report["sessions"] == 0:
+        return EXIT_CONNECT if report["errors"]["connect"] else EXIT_FAILED
+    return EXIT_OK if report["sessions_failed"] == 0 else EXIT_FAILED
+
+
+# ====================================================================== demo
+
+
+class _BackgroundServer:
+    """A server running in this process on 127.0.0.1:0 (the asyncio one on
+    its own thread when available, else the threaded one)."""
+
+    def __init__(self, maildrop: Any, config: ServerConfig, use_uvloop: bool = True) -> None:
+        self.kind = "sync" if _aio_server_class() is None else "aio"
+        self._loop: Any = None
+        self._thread: threading.Thread | None = None
+        if self.kind == "sync":
+            from ._sync_server import Server as SyncServer
+
+            self.server: Any = SyncServer(maildrop, config=config, listen=("127.0.0.1", 0))
+            self.server.start()
+            self.engine = "threads"
+            return
+        import asyncio
+
+        factory, self.engine = _loop_factory(use_uvloop)
+        self.server = _aio_server_class()(maildrop, config=config, listen=("127.0.0.1", 0))
+        self._loop = factory()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.call_soon(ready.set)
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="pop3proto-demo-server")
+        self._thread.start()
+        ready.wait(10)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(10)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.addresses[0][1])
+
+    def close(self) -> None:
+        if self.kind == "sync":
+            self.server.close()
+            return
+        import asyncio
+
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.close(), self._loop).result(10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(10)
+            self._loop.close()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pop3proto import ServerConfig
+    from pop3proto._auth import FailureDelay
+
+    t0 = time.perf_counter()
+    config = ServerConfig(authenticator=demo_authenticator(), failure_delay=FailureDelay(base=0.0))
+    server = _BackgroundServer(demo_maildrop(), config, use_uvloop=not args.no_uvloop)
+    try:
+        port = server.port
+        print(f"demo: serving the demo maildrop on pop3://127.0.0.1:{port} ({server.engine})")
+        url = PopUrl("pop3", "127.0.0.1", port, DEMO_USER)
+        with contextlib.ExitStack() as stack:
+            target = args.maildir or stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="pop3proto-demo-")
+            )
+            opts = FetchOptions(
+                url=url,
+                maildir=os.path.join(target, "Maildir") if not args.maildir else target,
+                user=DEMO_USER,
+                password=DEMO_PASSWORD,
+                timeout=10.0,
+            )
+            result = run_fetch(opts)
+            files = sorted(os.listdir(os.path.join(opts.maildir, "new")))
+            print(f"demo: fetch: {result.summary()}")
+            where = os.path.join(opts.maildir, "new") + ("" if args.maildir else " (temporary)")
+            print(f"demo: {len(files)} message files in {where}")
+            if result.exit_code != EXIT_OK or len(files) < len(demo_messages()):
+                _err("demo: the fetch did not deliver every message")
+                return EXIT_FAILED
+            # The fetch emptied "demo"; the bench loads demo1..demoN in parallel.
+            bench = BenchOptions(
+                url=url,
+                user=DEMO_USER,
+                password=DEMO_PASSWORD,
+                sessions=100_000,
+                concurrency=4,
+                duration=args.bench_seconds,
+                retr=len(demo_messages()),
+                timeout=5.0,
+                spread=DEMO_BENCH_ACCOUNTS,
+            )
+            report = run_bench(bench, use_uvloop=not args.no_uvloop)
+            print(f"demo: {bench_summary(report)}")
+            for sample in report["error_samples"]:
+                _err(f"demo: bench: {sample}")
+            if report["sessions"] == 0:  # a few errors on a loaded machine are not a failure
+                return EXIT_FAILED
+    finally:
+        server.close()
+    print(f"demo: done in {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
+
+
+# ====================================================================== main
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    from pop3proto import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="POP3 server, fetcher and load generator built on the pop3proto engine.",
+        epilog="Exit codes: 0 ok, 1 partial/failed, 2 usage, 3 auth failed, "
+        "4 connection/TLS failed.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "serve",
+        help="run a POP3 server",
+        description="Run a POP3 server. "
+        "Without --maildir it serves an embedded demo maildrop "
+        f"(user {DEMO_USER!r}, password {DEMO_PASSWORD!r}) on "
+        f"127.0.0.1:{DEFAULT_PORT}.",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="plaintext (+STLS) listener "
+        f"(default 127.0.0.1:{DEFAULT_PORT} when no --tls-listen; port 0 = any)",
+    )
+    p.add_argument("--tls-listen", metavar="HOST:PORT", help="implicit-TLS listener (needs --cert)")
+    p.add_argument("--maildir", metavar="ROOT", help="serve ROOT/<user>/{cur,new,tmp}")
+    p.add_argument("--users", metavar="FILE", help='"user:secret" lines (see "passwd")')
+    p.add_argument("--cert", metavar="PEM", help="certificate chain (enables STLS)")
+    p.add_argument("--key", metavar="PEM", help="private key (default: in --cert)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listeners (pre-fork; needs --maildir)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="S",
+        help="drop sessions idle this long after login (default 600)",
+    )
+    p.add_argument(
+        "--login-timeout",
+        type=_positive_float,
+        default=180.0,
+        metavar="S",
+        help="time allowed from connect to login (default 180)",
+    )
+    p.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="allow USER/PASS, PLAIN, LOGIN without TLS on any address (loopback always may)",
+    )
+    p.add_argument("--apop", action="store_true", help="offer APOP (needs plaintext secrets)")
+    p.add_argument("--expire", metavar="DAYS|NEVER", help="advertise EXPIRE")
+    p.add_argument(
+        "--failure-delay",
+        type=float,
+        metavar="S",
+        help="delay after a failed login (default 2 s, doubling)",
+    )
+    p.add_argument("--hostname", help="name in APOP timestamps (default: this host)")
+    p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default 1024)")
+    p.add_argument("--sync", action="store_true", help="use the threaded blocking server")
+    p.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop exists")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default info",
+    )
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "fetch",
+        help="download a maildrop into a Maildir, safely",
+        description="Download messages into a Maildir: each message is on disk "
+        "and fsynced, and its UID recorded, before it is deleted on the server. "
+        "Password from $POP3_PASSWORD, ~/.netrc or a prompt. Exit 0 only if "
+        "every message was delivered.",
+    )
+    p.add_argument("url", metavar="URL", help="pop3[s]://user[;auth=MECH]@host[:port]")
+    p.add_argument("--maildir", required=True, metavar="DIR", help="destination Maildir")
+    p.add_argument("--keep", action="store_true", help="leave messages on the server")
+    p.add_argument(
+        "--delete-after-days",
+        type=float,
+        metavar="N",
+        help="keep messages on the server, delete them N days after delivery",
+    )
+    p.add_argument(
+        "--only-new",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip messages already delivered (by UID; default on)",
+    )
+    p.add_argument(
+        "--max-size",
+        type=int,
+        metavar="OCTETS",
+        help="do not deliver messages larger than this (they stay on the server)",
+    )
+    p.add_argument("--cafile", metavar="PEM", help="trust these CA certificates")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext logins when the server offers no TLS",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        metavar="N",
+        help="pipelined RETRs outstanding (default 16)",
+    )
+    p.add_argument(
+        "--lf",
+        action="store_true",
+        help="store LF line ends (default: the bytes exactly as received)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="per-command timeout (default 60)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary unless something failed")
+    p.set_defaults(func=_cmd_fetch)
+
+    p = sub.add_parser(
+        "bench",
+        help="load-test a POP3 server (loopback unless --allow-remote)",
+        description="Concurrent sessions of connect, login, STAT, UIDL, "
+        "RETR 1..K, QUIT; reports sessions/s, MB/s and latency percentiles.",
+    )
+    p.add_argument("url", metavar="URL", help="pop3[s]://user[;auth=MECH]@host[:port]")
+    p.add_argument(
+        "--sessions",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="stop after N sessions (default 1000)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=8, metavar="C", help="sessions at once (default 8)"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="stop after S seconds (default 10)",
+    )
+    p.add_argument(
+        "--retr",
+        type=int,
+        default=5,
+        metavar="K",
+        help="RETR messages 1..K per session (default 5)",
+    )
+    p.add_argument(
+        "--pipelining",
+        choices=["on", "off"],
+        default="on",
+        help="pipelined RETRs when offered (default on)",
+    )
+    p.add_argument("--window", type=int, default=16, metavar="N", help="pipelining window")
+    p.add_argument(
+        "--spread",
+        type=int,
+        default=0,
+        metavar="N",
+        help="log in as USER1..USERN (per worker) for servers that lock a maildrop",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--cafile", metavar="PEM", help="trust these CA certificates")
+    p.add_argument("--insecure", action="store_true", help="allow plaintext logins")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="per-command timeout (default 10)",
+    )
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback server")
+    p.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop exists")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "passwd",
+        help="set a user's password in a credential file",
+        description="Write USER's line with SCRAM-SHA-256 and SCRAM-SHA-1 "
+        "verifiers (no plaintext). The password is read from standard input "
+        "when it is not a terminal, else prompted for twice.",
+    )
+    p.add_argument("user", metavar="USER")
+    p.add_argument(
+        "--file",
+        default="pop3proto-users",
+        metavar="FILE",
+        help="credential file (default ./pop3proto-users)",
+    )
+    p.add_argument("--iterations", type=int, default=4096, help="PBKDF2 iterations (>= 4096)")
+    p.set_defaults(func=_cmd_passwd)
+
+    p = sub.add_parser("demo", help="serve, fetch and bench in-process in a few seconds")
+    p.add_argument("--maildir", metavar="DIR", help="keep the fetched mail in DIR")
+    p.add_argument(
+        "--bench-seconds",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="length of the bench (default 2)",
+    )
+    p.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop exists")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (never calls ``sys.exit``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        code: int = args.func(args)
+        return code
+    except UsageError as exc:
+        _err(f"{args.command}: {exc}")
+        return EXIT_USAGE
+    except _Exit as exc:
+        if exc.message:
+            _err(f"{args.command}: {exc.message}")
+        return exc.code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            sys.stderr.close()
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

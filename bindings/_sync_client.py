@@ -33,7 +33,6 @@ offered: Python's ``ssl`` module has no access to TLS exporters.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import socket
 import ssl
 import time
@@ -57,6 +56,8 @@ from pop3proto._requests import (
     TLSInfo,
 )
 from pop3proto._state import State
+
+from ._common import server_end_point, tls_info
 
 __all__ = [
     "POP3S_PORT",
@@ -87,116 +88,6 @@ class _Writable(Protocol):
 
 
 # ------------------------------------------------------------------ channel binding
-
-# Signature algorithm OIDs (RFC 3279, 4055, 5758, 8410) -> hash to use for
-# tls-server-end-point (RFC 5929 §4.1: MD5 and SHA-1 are replaced by SHA-256).
-_SIG_HASHES = {
-    "1.2.840.113549.1.1.4": "sha256",  # md5WithRSAEncryption
-    "1.2.840.113549.1.1.5": "sha256",  # sha1WithRSAEncryption
-    "1.2.840.113549.1.1.14": "sha224",
-    "1.2.840.113549.1.1.11": "sha256",
-    "1.2.840.113549.1.1.12": "sha384",
-    "1.2.840.113549.1.1.13": "sha512",
-    "1.2.840.10045.4.1": "sha256",  # ecdsa-with-SHA1
-    "1.2.840.10045.4.3.1": "sha224",
-    "1.2.840.10045.4.3.2": "sha256",
-    "1.2.840.10045.4.3.3": "sha384",
-    "1.2.840.10045.4.3.4": "sha512",
-    "1.2.840.10040.4.3": "sha256",  # dsa-with-sha1
-    "2.16.840.1.101.3.4.3.1": "sha224",  # dsa-with-sha224
-    "2.16.840.1.101.3.4.3.2": "sha256",  # dsa-with-sha256
-}
-_HASH_OIDS = {
-    "1.3.14.3.2.26": "sha256",  # SHA-1 -> SHA-256
-    "2.16.840.1.101.3.4.2.4": "sha224",
-    "2.16.840.1.101.3.4.2.1": "sha256",
-    "2.16.840.1.101.3.4.2.2": "sha384",
-    "2.16.840.1.101.3.4.2.3": "sha512",
-}
-_RSASSA_PSS = "1.2.840.113549.1.1.10"
-
-
-def _tlv(der: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, content start, content end) of the DER element at ``pos``."""
-    if pos + 2 > len(der):
-        raise ValueError("truncated DER")
-    tag, length = der[pos], der[pos + 1]
-    pos += 2
-    if length & 0x80:
-        n = length & 0x7F
-        if not 1 <= n <= 4 or pos + n > len(der):
-            raise ValueError("bad DER length")
-        length = int.from_bytes(der[pos : pos + n], "big")
-        pos += n
-    if pos + length > len(der):
-        raise ValueError("truncated DER")
-    return tag, pos, pos + length
-
-
-def _oid(der: bytes, start: int, end: int) -> str:
-    arcs: list[int] = []
-    value = 0
-    for byte in der[start:end]:
-        value = (value << 7) | (byte & 0x7F)
-        if not byte & 0x80:
-            arcs.append(value)
-            value = 0
-    if not arcs:
-        raise ValueError("empty OID")
-    first = arcs[0]
-    head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
-    return ".".join(str(a) for a in head + arcs[1:])
-
-
-def _signature_hash(der: bytes) -> str:
-    """The hash name for tls-server-end-point of a DER certificate."""
-    _, start, _ = _tlv(der, 0)  # Certificate
-    _, _, tbs_end = _tlv(der, start)  # tbsCertificate
-    tag, alg_start, alg_end = _tlv(der, tbs_end)  # signatureAlgorithm
-    if tag != 0x30:
-        raise ValueError("no signature algorithm")
-    tag, oid_start, oid_end = _tlv(der, alg_start)
-    if tag != 0x06:
-        raise ValueError("no algorithm OID")
-    oid = _oid(der, oid_start, oid_end)
-    if oid == _RSASSA_PSS:
-        # RSASSA-PSS-params: [0] hashAlgorithm, default SHA-1 (RFC 4055 §3.1).
-        if oid_end < alg_end:
-            tag, p_start, p_end = _tlv(der, oid_end)
-            if tag == 0x30 and p_start < p_end:
-                tag, h_start, _ = _tlv(der, p_start)
-                if tag == 0xA0:
-                    _, a_start, _ = _tlv(der, h_start)
-                    _, o_start, o_end = _tlv(der, a_start)
-                    return _HASH_OIDS.get(_oid(der, o_start, o_end), "sha256")
-        return "sha256"
-    return _SIG_HASHES.get(oid, "sha256")
-
-
-def server_end_point(der_certificate: bytes) -> bytes:
-    """``tls-server-end-point`` channel-binding data (RFC 5929 §4.1) for the
-    server's DER certificate: its hash under the hash of its signature
-    algorithm, SHA-256 for MD5/SHA-1 and for algorithms with no single hash
-    (Ed25519, Ed448) or that cannot be read."""
-    try:
-        name = _signature_hash(der_certificate)
-    except ValueError:
-        name = "sha256"
-    return hashlib.new(name, der_certificate).digest()
-
-
-def tls_info_for(sock: ssl.SSLSocket) -> TLSInfo:
-    """The channel-binding data of a finished client handshake."""
-    bindings: dict[str, bytes] = {}
-    der = sock.getpeercert(binary_form=True)
-    if der:
-        bindings["tls-server-end-point"] = server_end_point(der)
-    # RFC 9266 §1: tls-unique is not defined for TLS 1.3.
-    if sock.version() in ("TLSv1.2", "TLSv1.1", "TLSv1"):
-        unique = sock.get_channel_binding("tls-unique")
-        if unique:
-            bindings["tls-unique"] = unique
-    return TLSInfo(channel_bindings=bindings)
 
 
 def _handshake(
@@ -666,3 +557,8 @@ def connect(
         client.operation_timeout = operation_timeout
         return client
     raise CapaClosedError()  # pragma: no cover - the second try sends no CAPA
+
+
+def tls_info_for(sock: ssl.SSLSocket) -> TLSInfo:
+    """The channel-binding data of a finished client handshake."""
+    return tls_info(sock, server_side=False)

@@ -65,7 +65,7 @@ from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSIn
 from pop3proto._state import State
 
 from ._common import MaildropRunner, is_loopback, tls_info
-from ._sync_client import POP3_PORT, POP3S_PORT, tls_info_for
+from ._sync_client import POP3_PORT, POP3S_PORT
 from .maildrop import Maildrop, MemoryMaildrop
 
 __all__ = [
@@ -629,8 +629,7 @@ class _Writable(Protocol):
 
 
 def _client_tls_info(transport: asyncio.BaseTransport) -> TLSInfo:
-    # tls_info_for only asks what ssl.SSLObject also answers.
-    return tls_info_for(cast(ssl.SSLSocket, transport.get_extra_info("ssl_object")))
+    return tls_info(transport.get_extra_info("ssl_object"), server_side=False)
 
 
 class Client:

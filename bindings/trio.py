@@ -65,7 +65,7 @@ from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSIn
 from pop3proto._state import State
 
 from ._common import MaildropRunner, is_loopback, tls_info
-from ._sync_client import POP3_PORT, POP3S_PORT, tls_info_for
+from ._sync_client import POP3_PORT, POP3S_PORT
 from .maildrop import Maildrop
 
 __all__ = [
@@ -501,7 +501,7 @@ class Client:
             greeting_timeout=timeout if greeting_timeout is None else greeting_timeout,
             min_transfer_rate=min_transfer_rate,
             # SSLStream forwards getpeercert/version/get_channel_binding.
-            tls_info=tls_info_for(cast(Any, stream)) if tls else None,
+            tls_info=tls_info(stream, server_side=False) if tls else None,
             capa=capa,
             host=host,
             port=port,
@@ -649,7 +649,7 @@ class Client:
                 raise Pop3TLSError(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
             self.stream = tls
             self._clock = trio.current_time()
-            return tls_info_for(cast(Any, tls))
+            return tls_info(tls, server_side=False)
         raise Pop3TimeoutError("the TLS handshake did not finish in time")
 
     # ------------------------------------------------------------ operations

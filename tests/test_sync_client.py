@@ -25,7 +25,8 @@ import pytest
 import trustme
 from peers import DOVECOT_MECHANISMS, DovecotServer
 from pop3proto.bindings import sync
-from pop3proto.bindings._sync_client import _signature_hash, server_end_point, tls_info_for
+from pop3proto.bindings._common import _signature_hash, server_end_point
+from pop3proto.bindings._sync_client import tls_info_for
 from pop3proto.bindings.sync import (
     Client,
     Pop3Error,

@@ -136,7 +136,7 @@ def install(points: _Points) -> None:
             points.hit("write-after")
         return n
 
-    os.unlink, os.fsync, os.link, os.rename = unlink, fsync, link, rename  # type: ignore[assignment]
+    os.unlink, os.fsync, os.link, os.rename = unlink, fsync, link, rename  # type: ignore[assignment,unused-ignore]
     os.write = write
 
     real_commit = maildrop._MaildirSession.commit
@@ -145,7 +145,7 @@ def install(points: _Points) -> None:
         real_commit(self, keys)
         points.hit("commit-after")
 
-    maildrop._MaildirSession.commit = commit  # type: ignore[method-assign]
+    maildrop._MaildirSession.commit = commit  # type: ignore[method-assign,unused-ignore]
 
     real_begin = cli._Delivery.begin
 
@@ -153,7 +153,7 @@ def install(points: _Points) -> None:
         points.hit("retr")
         return real_begin(self)
 
-    cli._Delivery.begin = begin  # type: ignore[method-assign]
+    cli._Delivery.begin = begin  # type: ignore[method-assign,unused-ignore]
 
     real_add = uidstore.UidStore.add
 
@@ -161,12 +161,12 @@ def install(points: _Points) -> None:
         real_add(self, uid, when)
         points.hit("record-after")
 
-    uidstore.UidStore.add = add  # type: ignore[method-assign]
+    uidstore.UidStore.add = add  # type: ignore[method-assign,unused-ignore]
 
     real_delete = cli._delete
 
     def delete(*args: Any, **kw: Any) -> list[int]:
-        out = real_delete(*args, **kw)
+        out: list[int] = real_delete(*args, **kw)
         points.hit("dele-after")
         return out
 
@@ -175,11 +175,11 @@ def install(points: _Points) -> None:
     real_quit = _sync_client.Client.quit
 
     def quit_(self: Any) -> bool:
-        ok = real_quit(self)
+        ok = bool(real_quit(self))
         points.hit("quit-after")
         return ok
 
-    _sync_client.Client.quit = quit_  # type: ignore[method-assign]
+    _sync_client.Client.quit = quit_  # type: ignore[method-assign,unused-ignore]
 
 
 def _wrapper_main(argv: list[str]) -> int:
@@ -197,7 +197,7 @@ def _wrapper_main(argv: list[str]) -> int:
     from pop3proto.bindings import cli
 
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-    return cli.main(args)
+    return int(cli.main(args))
 
 
 # =====================================================================================
@@ -575,7 +575,7 @@ def _finish_in_process(port: int, target: Path) -> int:
             contextlib.redirect_stdout(null),
             contextlib.redirect_stderr(null),
         ):
-            return cli.main(_fetch_args(port, target))
+            return int(cli.main(_fetch_args(port, target)))
     finally:
         for k, v in old.items():
             if v is None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import trio
+import trio  # type: ignore[import-untyped,unused-ignore]
 from pop3proto.bindings import aio as aio_binding
 from pop3proto.bindings import sync as sync_binding
 from pop3proto.bindings import trio as trio_binding
@@ -122,9 +122,9 @@ class MaliciousServer:
     def __init__(
         self,
         greeting: Script | bytes = b"+OK ready\r\n",
-        replies: Mapping[str, Script | list[Script]] | None = None,
+        replies: Mapping[str, Sequence[Any]] | None = None,
         *,
-        tls_replies: Mapping[str, Script | list[Script]] | None = None,
+        tls_replies: Mapping[str, Sequence[Any]] | None = None,
         default: Script = (b"-ERR no\r\n",),
         tls: ssl.SSLContext | None = None,
         stall_limit: float = 10.0,
@@ -202,9 +202,9 @@ class MaliciousServer:
         if entry and isinstance(entry[0], list | tuple):
             n = uses.get(key, 0)
             uses[key] = n + 1
-            scripts: list[Script] = list(entry)  # type: ignore[arg-type]
+            scripts: list[Script] = list(entry)
             return scripts[min(n, len(scripts) - 1)]
-        return entry  # type: ignore[return-value]
+        return entry  # type: ignore[no-any-return,unused-ignore]
 
     def _serve(self, sock: socket.socket, peer: Peer) -> None:
         conn: socket.socket = sock

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hmac
 import importlib
 import os
@@ -532,7 +533,7 @@ def test_case_29_response_glued_after_begin_tls_aborts_the_client(
     assert server.wait_peers()[0].lines == [b"CAPA", b"STLS"]
 
 
-STRIPPED = {
+STRIPPED: dict[str, dict[str, Any]] = {
     "stls-hidden": {"CAPA": [b"+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n"]},
     "stls-refused": {"CAPA": [CAPA_STLS], "STLS": [b"-ERR not today\r\n"]},
     "capa-fails": {"CAPA": [b"-ERR what\r\n"]},
@@ -786,7 +787,7 @@ def test_case_39_plaintext_logins_refused_without_tls_both_sides(binding: str) -
     with server:
         for mechanism in (None, "PLAIN", "LOGIN", "USER"):
             with pytest.raises(p.Pop3TLSError):
-                client_call(binding, server.port, lambda ops, m=mechanism: login(ops, mechanism=m))
+                client_call(binding, server.port, functools.partial(login, mechanism=mechanism))
         assert credentials_sent(server.commands) == []
         used = client_call(binding, server.port, login, allow_insecure=True)
     assert used == "PLAIN" and credentials_sent(server.commands)[0].startswith(b"AUTH PLAIN")
@@ -931,17 +932,14 @@ def test_case_43_verifier_store_holds_salt_count_and_keys_only(tmp_path: Path) -
         assert base64.b64encode(secret_bytes) not in raw
         assert secret_bytes.hex().encode() not in raw.lower()
     # ... and the store works: SCRAM and a presented password both log in.
-    table = PasswordTable(
-        {u: s for u, s in parse_file(text).items()}  # type: ignore[misc]
-    )
+    table = PasswordTable(dict(parse_file(text)))
     with serving("sync", memory(), config(authenticator=table)) as srv:
         for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN", "USER"):
-            client_call(
-                "sync",
-                srv.port,
-                lambda ops, m=mechanism: ops.call("login", USER, password, mechanism=m),
-                allow_insecure=True,
-            )
+
+            def scram_or_plain(ops: ClientOps, m: str = mechanism) -> None:
+                ops.call("login", USER, password, mechanism=m)
+
+            client_call("sync", srv.port, scram_or_plain, allow_insecure=True)
 
 
 # =====================================================================================
@@ -1020,8 +1018,8 @@ def test_case_49_oversized_replies_capped_with_a_clear_error(
     is the same code path.) A 100 MB message body is not a limit breach:
     it streams and is capped by ``max_message_size``."""
     replies, step = LIMIT_ATTACKS[attack]
-    base = {"CAPA": [b"+OK\r\nUSER\r\nUIDL\r\n.\r\n"]}
-    base.update(replies)  # type: ignore[arg-type]
+    base: dict[str, Any] = {"CAPA": [b"+OK\r\nUSER\r\nUIDL\r\n.\r\n"]}
+    base.update(replies)
     server = MaliciousServer(replies=base, default=(b"+OK\r\n",))
     limits = p.Limits(max_listing_entries=1000, max_message_size=1 << 20)
 
@@ -1070,7 +1068,8 @@ def test_case_50_huge_maildrop_stat_fast_and_big_message_streams(
 
     def counting(fd_dir: int, name: str) -> int | None:
         reads.append(name)
-        return real_size(fd_dir, name)
+        size: int | None = real_size(fd_dir, name)
+        return size
 
     monkeypatch.setattr(md, "_file_size", counting)
     with serving("sync", Maildir(root), config()) as srv:
@@ -1087,8 +1086,8 @@ def test_case_50_huge_maildrop_stat_fast_and_big_message_streams(
         assert time.monotonic() - start < 2.0
         assert reads == []
     # The big message, in a maildrop of its own.
-    for f in new.iterdir():
-        f.unlink()
+    for old in new.iterdir():
+        old.unlink()
     line = b"." + b"y" * 998 + b"\n"  # every line dot-stuffed on the wire
     count = 24 * 1024 * 1024 // len(line)
     with (new / "big.M1.h").open("wb") as f:
@@ -1186,7 +1185,7 @@ def test_case_58_fetch_durability_order(tmp_path: Path, monkeypatch: pytest.Monk
     def delete_many(self: Any, msgs: Any, window: int = 16) -> int:
         msgs = list(msgs)
         trace.extend(("DELE", str(m)) for m in msgs)
-        return real_delete_many(self, msgs, window)
+        return int(real_delete_many(self, msgs, window))
 
     def delete(self: Any, msg: int) -> None:
         trace.append(("DELE", str(msg)))

@@ -410,7 +410,7 @@ def _atheris(seconds: float, backend: str, extra: list[str], corpus: str | None)
         finally:
             shutil.rmtree(corpus, ignore_errors=True)
 
-    import atheris  # type: ignore[import-not-found,unused-ignore]
+    import atheris  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
     atheris.instrument_all()  # coverage of every loaded function, the engine's included
     os.makedirs(corpus, exist_ok=True)

@@ -285,7 +285,9 @@ COVERED: dict[int, list[str]] = {
     ],
     55: [
         "tests/test_trio.py::test_hardening_54_55_new_mail_next_session_and_stable_uids",
-        "tests/test_maildrop.py::test_cache_follows_rename_to_cur_without_reading",
+        "tests/test_maildrop.py::test_uids_valid_unique_and_stable_across_sessions",
+        "tests/test_maildrop.py::test_uids_never_reused_after_deletion",
+        "tests/test_maildrop.py::test_uid_stable_across_move_to_cur_and_flag_changes",
     ],
     56: [
         "tests/test_cli.py::test_fetch_killed_between_link_and_record_fetches_one_twice_at_most",

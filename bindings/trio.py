@@ -51,7 +51,7 @@ import socket
 import ssl
 from collections.abc import Callable, Generator, Iterable
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar, cast, overload
+from typing import Any, Generic, TypeVar, cast
 
 import trio  # type: ignore[import-untyped,unused-ignore]  # typed from trio 0.23 on
 
@@ -59,11 +59,12 @@ import pop3proto as p
 from pop3proto import _requests as rq
 from pop3proto._auth import Authenticator
 from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
-from pop3proto._events import Capabilities, Greeting
+from pop3proto._events import Greeting
 from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 from pop3proto._state import State
 
+from ._asyncclient import AsyncClientMethods
 from ._common import MaildropRunner, is_loopback, tls_info
 from ._sync_client import POP3_PORT, POP3S_PORT
 from .maildrop import Maildrop
@@ -334,10 +335,6 @@ class Server:
 # ======================================================================
 
 
-class _Writable(Protocol):
-    def write(self, data: bytes, /) -> object: ...
-
-
 class _Operation(Generic[T]):
     """One ``ClientSession`` operation in progress: runs its requests until it
     delivers something to the caller or finishes."""
@@ -454,7 +451,7 @@ def _message(req: rq.Request) -> tuple[int, bytes]:
     return msg.msg, msg.data
 
 
-class Client:
+class Client(AsyncClientMethods):
     """A POP3 client connection on a trio stream. Use ``connect()`` to make one.
 
     ``Client(stream, host=...)`` wraps an already connected stream (a
@@ -654,83 +651,6 @@ class Client:
 
     # ------------------------------------------------------------ operations
 
-    async def open(self) -> Greeting:
-        """Read the greeting, ask CAPA, and do STLS when it is required."""
-        return await self._run(self._session.open())
-
-    async def starttls(self, ssl_context: ssl.SSLContext | None = None) -> TLSInfo:
-        """Upgrade with STLS now (``connect(starttls=True)`` does it for you)."""
-        if ssl_context is not None:
-            self._ssl_context = ssl_context
-        return await self._run(self._session.starttls())
-
-    async def capabilities(self, refresh: bool = False) -> Capabilities | None:
-        """The server's CAPA reply (cached; ``refresh`` asks again), or None."""
-        return await self._run(self._session.capabilities(refresh))
-
-    async def login(
-        self,
-        user: str,
-        password: str | None = None,
-        *,
-        mechanism: str | None = None,
-        token: str | None = None,
-        external: bool = False,
-        authzid: str = "",
-    ) -> None:
-        """Log in with the strongest method both sides support (see
-        ``ClientSession.login``); ``mechanism`` forces one (a SASL name,
-        ``"APOP"`` or ``"USER"``)."""
-        await self._run(
-            self._session.login(
-                user,
-                password,
-                mechanism=mechanism,
-                token=token,
-                external=external,
-                authzid=authzid,
-            )
-        )
-
-    async def stat(self) -> tuple[int, int]:
-        """``(message count, maildrop size)``."""
-        return await self._run(self._session.stat())
-
-    @overload
-    async def list(self, msg: None = None) -> dict[int, int]: ...
-    @overload
-    async def list(self, msg: int) -> int: ...
-
-    async def list(self, msg: int | None = None) -> dict[int, int] | int:
-        """``{msg: size}``, or the size of one message."""
-        if msg is None:
-            return await self._run(self._session.list())
-        return await self._run(self._session.list(msg))
-
-    @overload
-    async def uidl(self, msg: None = None) -> dict[int, str]: ...
-    @overload
-    async def uidl(self, msg: int) -> str: ...
-
-    async def uidl(self, msg: int | None = None) -> dict[int, str] | str:
-        """``{msg: unique-id}``, or the unique-id of one message."""
-        if msg is None:
-            return await self._run(self._session.uidl())
-        return await self._run(self._session.uidl(msg))
-
-    async def retrieve(self, msg: int) -> bytes:
-        """The whole message (un-stuffed, line ends as the server sent them)."""
-        return await self._run(self._session.retrieve(msg))
-
-    async def retrieve_into(self, msg: int, file: _Writable) -> int:
-        """Stream a message into ``file`` as it arrives; returns its size.
-        ``file.write(bytes)`` may be a plain method or a coroutine (a
-        ``trio.wrap_file`` object). If it raises, the connection is closed
-        (the rest of the message cannot be skipped safely)."""
-        return await self._run(
-            self._session.retrieve_stream(msg), lambda req: file.write(_chunk(req))
-        )
-
     def iter_retrieve(self, msg: int) -> _Deliveries[bytes]:
         """An async iterator over a message's pieces as they arrive (nothing
         is held). Stopping early closes the connection: use it as
@@ -738,35 +658,6 @@ class Client:
         close at once; otherwise the next call finds the connection
         unusable and closes it."""
         return _Deliveries(self._begin(self._session.retrieve_stream(msg)), _chunk)
-
-    async def top(self, msg: int, lines: int) -> bytes:
-        """The header and the first ``lines`` lines of the body."""
-        return await self._run(self._session.top(msg, lines))
-
-    async def delete(self, msg: int) -> None:
-        """Mark a message deleted (removed when QUIT succeeds)."""
-        await self._run(self._session.delete(msg))
-
-    async def reset(self) -> None:
-        """Unmark every message marked deleted."""
-        await self._run(self._session.reset())
-
-    async def noop(self) -> None:
-        """NOOP."""
-        await self._run(self._session.noop())
-
-    async def utf8(self) -> None:
-        """Enter UTF-8 mode (RFC 6856)."""
-        await self._run(self._session.utf8())
-
-    async def quit(self) -> bool:
-        """QUIT and close. True when the server confirmed with ``+OK`` (the
-        deletions were applied); False when it answered ``-ERR`` or just
-        closed (deletions uncertain)."""
-        try:
-            return await self._run(self._session.quit())
-        finally:
-            await self.aclose()
 
     def retrieve_many(
         self, msgs: Iterable[int], window: int = 16
@@ -778,11 +669,6 @@ class Client:
         were yielded. Stopping early closes the connection (see
         ``iter_retrieve``)."""
         return _Deliveries(self._begin(self._session.retrieve_many(msgs, window)), _message)
-
-    async def delete_many(self, msgs: Iterable[int], window: int = 16) -> int:
-        """Mark each message of ``msgs`` deleted, pipelined when possible;
-        returns how many were marked."""
-        return await self._run(self._session.delete_many(msgs, window))
 
 
 async def _handshake(

@@ -12,6 +12,8 @@ from pop3proto._client import ClientSession, Driver
 from pop3proto._events import Capabilities, Greeting
 from pop3proto._requests import TLSInfo
 
+from ._common import ClientBase
+
 __all__ = ["AsyncClientMethods", "Writable"]
 
 T = TypeVar("T")
@@ -23,7 +25,7 @@ class Writable(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
-class AsyncClientMethods:
+class AsyncClientMethods(ClientBase):
     """POP3 operations as coroutines, for a binding that provides
     ``_session`` (a ``ClientSession``), ``_ssl_context``, ``_run`` and
     ``aclose``."""

@@ -11,10 +11,14 @@ from typing import Any, BinaryIO
 
 from pop3proto import MaildropFailure, TLSInfo
 from pop3proto import _requests as rq
+from pop3proto._client import ClientSession
+from pop3proto._events import Greeting
+from pop3proto._state import State
 
 from .maildrop import Maildrop, MaildropError, MaildropLocked, MaildropSession
 
 __all__ = [
+    "ClientBase",
     "MaildropRunner",
     "is_loopback",
     "read_chunks",
@@ -234,3 +238,29 @@ def server_certificate_der(certfile: str) -> bytes | None:
     if start < 0 or end < 0:
         return None
     return ssl.PEM_cert_to_DER_cert(pem[start : end + len("-----END CERTIFICATE-----")])
+
+
+class ClientBase:
+    """What every client binding shows of its session."""
+
+    _session: ClientSession
+
+    @property
+    def session(self) -> ClientSession:
+        """The I/O-free session this client drives."""
+        return self._session
+
+    @property
+    def greeting(self) -> Greeting | None:
+        """The server's greeting."""
+        return self._session.greeting
+
+    @property
+    def tls_active(self) -> bool:
+        """The connection runs inside TLS."""
+        return self._session.tls_active
+
+    @property
+    def state(self) -> State:
+        """The POP3 state."""
+        return self._session.state

@@ -55,9 +55,8 @@ from pop3proto._requests import (
     StartTLS,
     TLSInfo,
 )
-from pop3proto._state import State
 
-from ._common import server_end_point, tls_info
+from ._common import ClientBase, server_end_point, tls_info
 
 __all__ = [
     "POP3S_PORT",
@@ -107,7 +106,7 @@ def _handshake(
 # ------------------------------------------------------------------ the client
 
 
-class Client:
+class Client(ClientBase):
     """A POP3 client connection (blocking). Use ``connect()`` to make one.
 
     ``Client(sock, host=...)`` wraps an already connected socket (an
@@ -163,26 +162,6 @@ class Client:
         self._closed = False
 
     # ------------------------------------------------------------ state
-
-    @property
-    def session(self) -> ClientSession:
-        """The I/O-free session this client drives."""
-        return self._session
-
-    @property
-    def greeting(self) -> Greeting | None:
-        """The server's greeting."""
-        return self._session.greeting
-
-    @property
-    def tls_active(self) -> bool:
-        """The connection runs inside TLS."""
-        return self._session.tls_active
-
-    @property
-    def state(self) -> State:
-        """The POP3 state."""
-        return self._session.state
 
     @property
     def closed(self) -> bool:

@@ -59,10 +59,8 @@ import pop3proto as p
 from pop3proto import _requests as rq
 from pop3proto._auth import Authenticator
 from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
-from pop3proto._events import Greeting
 from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
-from pop3proto._state import State
 
 from ._asyncclient import AsyncClientMethods
 from ._common import MaildropRunner, is_loopback, tls_info
@@ -684,26 +682,6 @@ class Client(AsyncClientMethods):
         self._result: Any = None
 
     # ------------------------------------------------------------ state
-
-    @property
-    def session(self) -> ClientSession:
-        """The I/O-free session this client drives."""
-        return self._session
-
-    @property
-    def greeting(self) -> Greeting | None:
-        """The server's greeting."""
-        return self._session.greeting
-
-    @property
-    def tls_active(self) -> bool:
-        """The connection runs inside TLS."""
-        return self._session.tls_active
-
-    @property
-    def state(self) -> State:
-        """The POP3 state."""
-        return self._session.state
 
     @property
     def closed(self) -> bool:

@@ -3,14 +3,17 @@ requests, TLS facts for SASL, and address helpers. No socket code here."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
+import socket
 import ssl
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from pop3proto import MaildropFailure, TLSInfo
+from pop3proto import MaildropFailure, ServerConfig, TLSInfo
 from pop3proto import _requests as rq
+from pop3proto._auth import Authenticator
 from pop3proto._client import ClientSession
 from pop3proto._events import Greeting
 from pop3proto._state import State
@@ -20,6 +23,7 @@ from .maildrop import Maildrop, MaildropError, MaildropLocked, MaildropSession
 __all__ = [
     "ClientBase",
     "MaildropRunner",
+    "ServerBase",
     "is_loopback",
     "read_chunks",
     "server_certificate_der",
@@ -264,3 +268,71 @@ class ClientBase:
     def state(self) -> State:
         """The POP3 state."""
         return self._session.state
+
+
+class ServerBase:
+    """What every server binding does before serving: the policy (a
+    ``ServerConfig``, or one made from ``authenticator``), and the bound,
+    listening sockets — the plaintext one (STLS offered when ``ssl_context``
+    is given) and the implicit-TLS one (RFC 8314). ``reuse_port`` sets
+    SO_REUSEPORT so several processes can share a port."""
+
+    def __init__(
+        self,
+        maildrop: Maildrop,
+        authenticator: Authenticator | None = None,
+        *,
+        listen: tuple[str, int] | None = ("127.0.0.1", 110),
+        tls_listen: tuple[str, int] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_certificate: bytes | None = None,
+        config: ServerConfig | None = None,
+        backlog: int = 1024,
+        handshake_timeout: float = 30.0,
+        reuse_port: bool = False,
+    ) -> None:
+        if config is None:
+            if authenticator is None:
+                raise ValueError("give an authenticator or a ServerConfig")
+            config = ServerConfig(
+                authenticator=authenticator, stls_available=ssl_context is not None
+            )
+        if tls_listen is not None and ssl_context is None:
+            raise ValueError("implicit TLS needs an ssl_context")
+        self.config = config
+        self.maildrop = maildrop
+        self.ssl_context = ssl_context
+        self.server_certificate = server_certificate
+        self.handshake_timeout = handshake_timeout
+        self.backlog = backlog
+        self._listeners: list[tuple[socket.socket, bool]] = []
+        try:
+            for address, implicit in ((listen, False), (tls_listen, True)):
+                if address is None:
+                    continue
+                family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                self._listeners.append((sock, implicit))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(address)
+                sock.listen(backlog)
+        except BaseException:
+            self._close_listeners()
+            raise
+        self._addresses = [
+            (*sock.getsockname()[:2], implicit) for sock, implicit in self._listeners
+        ]
+
+    @property
+    def addresses(self) -> list[tuple[str, int, bool]]:
+        """``(host, port, implicit_tls)`` of each listener."""
+        return list(self._addresses)
+
+    def _close_listeners(self) -> None:
+        for sock, _ in self._listeners:
+            with contextlib.suppress(OSError):
+                # shutdown() wakes a thread blocked in accept(); close() alone does not.
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()

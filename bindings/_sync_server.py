@@ -16,7 +16,7 @@ import pop3proto as p
 from pop3proto import _requests as rq
 from pop3proto._auth import Authenticator
 
-from ._common import MaildropRunner, is_loopback, tls_info
+from ._common import MaildropRunner, ServerBase, is_loopback, tls_info
 from .maildrop import Maildrop
 
 __all__ = ["Server"]
@@ -27,7 +27,7 @@ log = logging.getLogger("pop3proto.server")
 READ_SIZE = 256 * 1024
 
 
-class Server:
+class Server(ServerBase):
     """A POP3 server on blocking sockets, serving ``maildrop``.
 
     ``listen`` is the ``(host, port)`` of the plaintext listener (STLS offered
@@ -51,44 +51,25 @@ class Server:
         config: p.ServerConfig | None = None,
         backlog: int = 1024,
         handshake_timeout: float = 30.0,
+        reuse_port: bool = False,
     ) -> None:
-        if config is None:
-            if authenticator is None:
-                raise ValueError("give an authenticator or a ServerConfig")
-            config = p.ServerConfig(
-                authenticator=authenticator, stls_available=ssl_context is not None
-            )
-        if tls_listen is not None and ssl_context is None:
-            raise ValueError("implicit TLS needs an ssl_context")
-        self.config = config
-        self.maildrop = maildrop
-        self.ssl_context = ssl_context
-        self.server_certificate = server_certificate
-        self.handshake_timeout = handshake_timeout
-        self._listeners: list[tuple[socket.socket, bool]] = []
-        for address, implicit in ((listen, False), (tls_listen, True)):
-            if address is None:
-                continue
-            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            self._listeners.append((sock, implicit))
+        super().__init__(
+            maildrop,
+            authenticator,
+            listen=listen,
+            tls_listen=tls_listen,
+            ssl_context=ssl_context,
+            server_certificate=server_certificate,
+            config=config,
+            backlog=backlog,
+            handshake_timeout=handshake_timeout,
+            reuse_port=reuse_port,
+        )
         self._closing = threading.Event()
         self._threads: set[threading.Thread] = set()
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._acceptors: list[threading.Thread] = []
-
-    @property
-    def addresses(self) -> list[tuple[str, int, bool]]:
-        """``(host, port, implicit_tls)`` of each listener."""
-        out = []
-        for sock, implicit in self._listeners:
-            host, port = sock.getsockname()[:2]
-            out.append((host, port, implicit))
-        return out
 
     def start(self) -> Server:
         """Accept connections in background threads."""
@@ -107,11 +88,7 @@ class Server:
         """Stop accepting, end every session (without UPDATE: RFC 1939 §6),
         and wait for their threads."""
         self._closing.set()
-        for sock, _ in self._listeners:
-            # shutdown() wakes a thread blocked in accept(); close() alone does not.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        self._close_listeners()
         with self._lock:
             for conn in list(self._sockets):
                 with contextlib.suppress(OSError):

@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import socket
 import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable
@@ -63,7 +62,7 @@ from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 
 from ._asyncclient import AsyncClientMethods
-from ._common import MaildropRunner, is_loopback, tls_info
+from ._common import MaildropRunner, ServerBase, is_loopback, tls_info
 from ._sync_client import POP3_PORT, POP3S_PORT
 from .maildrop import Maildrop, MemoryMaildrop
 
@@ -457,7 +456,7 @@ class _ServerConnection(_Pipe):
             server._connections.discard(self)
 
 
-class Server:
+class Server(ServerBase):
     """A POP3 server on asyncio (and uvloop), serving ``maildrop``.
 
     The arguments are those of the blocking ``pop3proto.bindings.sync.Server``:
@@ -489,50 +488,26 @@ class Server:
         config: p.ServerConfig | None = None,
         backlog: int = 1024,
         handshake_timeout: float = 30.0,
+        reuse_port: bool = False,
     ) -> None:
-        if config is None:
-            if authenticator is None:
-                raise ValueError("give an authenticator or a ServerConfig")
-            config = p.ServerConfig(
-                authenticator=authenticator, stls_available=ssl_context is not None
-            )
-        if tls_listen is not None and ssl_context is None:
-            raise ValueError("implicit TLS needs an ssl_context")
-        self.config = config
-        self.maildrop = maildrop
-        self.ssl_context = ssl_context
-        self.server_certificate = server_certificate
-        self.handshake_timeout = handshake_timeout
-        self.backlog = backlog
-        self._listeners: list[tuple[socket.socket, bool]] = []
-        try:
-            for address, implicit in ((listen, False), (tls_listen, True)):
-                if address is None:
-                    continue
-                family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                self._listeners.append((sock, implicit))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(address)
-                sock.listen(backlog)
-                sock.setblocking(False)
-        except BaseException:
-            for sock, _ in self._listeners:
-                sock.close()
-            raise
+        super().__init__(
+            maildrop,
+            authenticator,
+            listen=listen,
+            tls_listen=tls_listen,
+            ssl_context=ssl_context,
+            server_certificate=server_certificate,
+            config=config,
+            backlog=backlog,
+            handshake_timeout=handshake_timeout,
+            reuse_port=reuse_port,
+        )
+        for sock, _ in self._listeners:
+            sock.setblocking(False)
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_ServerConnection] = set()
         self._closing = False
         self._closed: asyncio.Event | None = None
-
-    @property
-    def addresses(self) -> list[tuple[str, int, bool]]:
-        """``(host, port, implicit_tls)`` of each listener."""
-        out = []
-        for sock, implicit in self._listeners:
-            host, port = sock.getsockname()[:2]
-            out.append((host, port, implicit))
-        return out
 
     @property
     def sessions(self) -> int:

@@ -47,7 +47,6 @@ import functools
 import inspect
 import logging
 import math
-import socket
 import ssl
 from collections.abc import Callable, Generator, Iterable
 from types import TracebackType
@@ -63,7 +62,7 @@ from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 
 from ._asyncclient import AsyncClientMethods
-from ._common import MaildropRunner, is_loopback, tls_info
+from ._common import MaildropRunner, ServerBase, is_loopback, tls_info
 from ._sync_client import POP3_PORT, POP3S_PORT
 from .maildrop import Maildrop
 
@@ -128,7 +127,7 @@ class _Link:
 # ======================================================================
 
 
-class Server:
+class Server(ServerBase):
     """A POP3 server on trio, serving ``maildrop``.
 
     Takes the same arguments as the blocking ``pop3proto.bindings.sync.Server``
@@ -159,43 +158,21 @@ class Server:
         config: p.ServerConfig | None = None,
         backlog: int = 1024,
         handshake_timeout: float = 30.0,
+        reuse_port: bool = False,
     ) -> None:
-        if config is None:
-            if authenticator is None:
-                raise ValueError("give an authenticator or a ServerConfig")
-            config = p.ServerConfig(
-                authenticator=authenticator, stls_available=ssl_context is not None
-            )
-        if tls_listen is not None and ssl_context is None:
-            raise ValueError("implicit TLS needs an ssl_context")
-        self.config = config
-        self.maildrop = maildrop
-        self.ssl_context = ssl_context
-        self.server_certificate = server_certificate
-        self.handshake_timeout = handshake_timeout
-        self._listeners: list[tuple[socket.socket, bool]] = []
-        self._addresses: list[tuple[str, int, bool]] = []
+        super().__init__(
+            maildrop,
+            authenticator,
+            listen=listen,
+            tls_listen=tls_listen,
+            ssl_context=ssl_context,
+            server_certificate=server_certificate,
+            config=config,
+            backlog=backlog,
+            handshake_timeout=handshake_timeout,
+            reuse_port=reuse_port,
+        )
         self._served = False
-        try:
-            for address, implicit in ((listen, False), (tls_listen, True)):
-                if address is None:
-                    continue
-                family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                self._listeners.append((sock, implicit))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(address)
-                sock.listen(backlog)
-                host, port = sock.getsockname()[:2]
-                self._addresses.append((host, port, implicit))
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def addresses(self) -> list[tuple[str, int, bool]]:
-        """``(host, port, implicit_tls)`` of each listener."""
-        return list(self._addresses)
 
     def close(self) -> None:
         """Close the listening sockets (idempotent). Sessions already running

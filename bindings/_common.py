@@ -8,10 +8,10 @@ import hashlib
 import ipaddress
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-from pop3proto import MaildropFailure, ServerConfig, TLSInfo
+from pop3proto import MaildropFailure, Pop3TimeoutError, ServerConfig, TLSInfo
 from pop3proto import _requests as rq
 from pop3proto._auth import Authenticator
 from pop3proto._client import ClientSession
@@ -21,7 +21,10 @@ from pop3proto._state import State
 from .maildrop import Maildrop, MaildropError, MaildropLocked, MaildropSession
 
 __all__ = [
+    "POP3S_PORT",
+    "POP3_PORT",
     "ClientBase",
+    "ConnectPlan",
     "MaildropRunner",
     "ServerBase",
     "is_loopback",
@@ -30,6 +33,10 @@ __all__ = [
     "server_end_point",
     "tls_info",
 ]
+
+#: RFC 1939 §3 and RFC 8314 §7.
+POP3_PORT = 110
+POP3S_PORT = 995
 
 #: Bytes read from a stored message at a time.
 CHUNK = 64 * 1024
@@ -336,3 +343,47 @@ class ServerBase:
                 # shutdown() wakes a thread blocked in accept(); close() alone does not.
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+class ConnectPlan:
+    """How a client connects, decided once for every binding: the port
+    (995 for implicit TLS, 110 otherwise), the TLS context (verifying by
+    default), and the attempts — a first one with CAPA and, when a server
+    closes the connection on CAPA, a second one without — each with its
+    connect deadline cut to what is left of the whole-operation budget."""
+
+    def __init__(
+        self,
+        port: int | None,
+        *,
+        tls: bool,
+        starttls: bool,
+        timeout: float | None,
+        ssl_context: ssl.SSLContext | None,
+        operation_timeout: float | None,
+        connect_timeout: float | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.implicit = tls and not starttls
+        self.port = port if port is not None else (POP3S_PORT if self.implicit else POP3_PORT)
+        self.context = ssl_context
+        if self.context is None and (self.implicit or starttls):
+            self.context = ssl.create_default_context()
+        self._timeout = timeout if connect_timeout is None else connect_timeout
+        self._budget = operation_timeout
+        self._clock = clock
+        self._started = clock()
+
+    def attempts(self) -> Iterator[tuple[bool, float | None, float | None]]:
+        """``(ask_capa, connect_timeout, remaining_budget)`` for each attempt;
+        raises ``Pop3TimeoutError`` when the operation budget is spent."""
+        for capa in (True, False):
+            ctimeout = self._timeout
+            remaining = None
+            if self._budget is not None:
+                remaining = self._budget - (self._clock() - self._started)
+                if remaining <= 0:
+                    raise Pop3TimeoutError("the operation deadline passed")
+                if ctimeout is None or remaining < ctimeout:
+                    ctimeout = remaining
+            yield capa, ctimeout, remaining

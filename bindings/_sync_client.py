@@ -56,7 +56,7 @@ from pop3proto._requests import (
     TLSInfo,
 )
 
-from ._common import ClientBase, server_end_point, tls_info
+from ._common import POP3_PORT, POP3S_PORT, ClientBase, ConnectPlan, server_end_point, tls_info
 
 __all__ = [
     "POP3S_PORT",
@@ -72,10 +72,6 @@ __all__ = [
     "tls_info_for",
 ]
 
-#: Plain POP3 (and STLS) port, RFC 1939.
-POP3_PORT = 110
-#: Implicit-TLS POP3 port, RFC 8314.
-POP3S_PORT = 995
 #: Bytes asked of the socket per read.
 READ_SIZE = 256 * 1024
 
@@ -484,22 +480,18 @@ def connect(
     ``connect_timeout`` and ``greeting_timeout`` default to ``timeout``.
     A server that closes the connection on CAPA is connected to again
     without CAPA."""
-    implicit = tls and not starttls
-    if port is None:
-        port = POP3S_PORT if implicit else POP3_PORT
-    context = ssl_context
-    if context is None and (implicit or starttls):
-        context = ssl.create_default_context()
-    started = time.monotonic()
-    for capa in (True, False):
-        remaining = None
-        if operation_timeout is not None:
-            remaining = operation_timeout - (time.monotonic() - started)
-            if remaining <= 0:
-                raise Pop3TimeoutError("the operation deadline passed")
-        ctimeout = timeout if connect_timeout is None else connect_timeout
-        if remaining is not None and (ctimeout is None or remaining < ctimeout):
-            ctimeout = remaining
+    plan = ConnectPlan(
+        port,
+        tls=tls,
+        starttls=starttls,
+        timeout=timeout,
+        ssl_context=ssl_context,
+        operation_timeout=operation_timeout,
+        connect_timeout=connect_timeout,
+        clock=time.monotonic,
+    )
+    implicit, port, context = plan.implicit, plan.port, plan.context
+    for capa, ctimeout, remaining in plan.attempts():
         try:
             sock = socket.create_connection((host, port), timeout=ctimeout)
         except TimeoutError as exc:

@@ -62,8 +62,15 @@ from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 
 from ._asyncclient import AsyncClientMethods
-from ._common import MaildropRunner, ServerBase, is_loopback, tls_info
-from ._sync_client import POP3_PORT, POP3S_PORT
+from ._common import (
+    POP3_PORT,
+    POP3S_PORT,
+    ConnectPlan,
+    MaildropRunner,
+    ServerBase,
+    is_loopback,
+    tls_info,
+)
 from .maildrop import Maildrop, MemoryMaildrop
 
 __all__ = [
@@ -857,23 +864,19 @@ async def _open_client(
     greeting_timeout: float | None,
     min_transfer_rate: float,
 ) -> Client:
-    implicit = tls and not starttls
-    if port is None:
-        port = POP3S_PORT if implicit else POP3_PORT
-    context = ssl_context
-    if context is None and (implicit or starttls):
-        context = ssl.create_default_context()
+    plan = ConnectPlan(
+        port,
+        tls=tls,
+        starttls=starttls,
+        timeout=timeout,
+        ssl_context=ssl_context,
+        operation_timeout=operation_timeout,
+        connect_timeout=connect_timeout,
+        clock=time.monotonic,
+    )
+    implicit, port, context = plan.implicit, plan.port, plan.context
     loop = asyncio.get_running_loop()
-    started = time.monotonic()
-    for capa in (True, False):
-        remaining = None
-        if operation_timeout is not None:
-            remaining = operation_timeout - (time.monotonic() - started)
-            if remaining <= 0:
-                raise Pop3TimeoutError("the operation deadline passed")
-        ctimeout = timeout if connect_timeout is None else connect_timeout
-        if remaining is not None and (ctimeout is None or remaining < ctimeout):
-            ctimeout = remaining
+    for capa, ctimeout, remaining in plan.attempts():
         try:
             _transport, pipe = await asyncio.wait_for(
                 loop.create_connection(

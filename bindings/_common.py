@@ -9,9 +9,9 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from pop3proto import MaildropFailure, Pop3TimeoutError, ServerConfig, TLSInfo
+from pop3proto import MaildropFailure, Pop3TimeoutError, TLSInfo
 from pop3proto import _requests as rq
 from pop3proto._auth import Authenticator
 from pop3proto._client import ClientSession
@@ -19,6 +19,9 @@ from pop3proto._events import Greeting
 from pop3proto._state import State
 
 from .maildrop import Maildrop, MaildropError, MaildropLocked, MaildropSession
+
+if TYPE_CHECKING:
+    from pop3proto._server import ServerConfig
 
 __all__ = [
     "POP3S_PORT",
@@ -301,6 +304,8 @@ class ServerBase:
         if config is None:
             if authenticator is None:
                 raise ValueError("give an authenticator or a ServerConfig")
+            from pop3proto._server import ServerConfig
+
             config = ServerConfig(
                 authenticator=authenticator, stls_available=ssl_context is not None
             )

@@ -4,12 +4,8 @@ the engine's drivers; this module only moves bytes."""
 
 from __future__ import annotations
 
-# --- server ---
-from ._sync_server import Server
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Server"]
-
-# --- client (re-exported from ._sync_client) ---
 from ._sync_client import (
     CapaClosedError,
     Client,
@@ -19,5 +15,24 @@ from ._sync_client import (
     connect,
 )
 
-__all__ += ["CapaClosedError", "Client", "Pop3Error", "Pop3TLSError", "Pop3TimeoutError", "connect"]
-# --- end client ---
+if TYPE_CHECKING:
+    from ._sync_server import Server
+
+__all__ = [
+    "CapaClosedError",
+    "Client",
+    "Pop3Error",
+    "Pop3TLSError",
+    "Pop3TimeoutError",
+    "Server",
+    "connect",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The server loads on first use: a client does not pay for it at start-up.
+    if name == "Server":
+        from ._sync_server import Server
+
+        return Server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,8 @@ Bytes in, events out, bytes back; no sockets, threads, clocks or files::
 The I/O lives in ``pop3proto.bindings`` (blocking sockets, asyncio, trio).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._connection import CLIENT, SERVER, Connection, Role
 from ._core import BACKEND
 from ._events import (
@@ -68,9 +70,11 @@ from ._requests import (
     Pop3TLSError,
     TLSInfo,
 )
-from ._server import ConnectionLimiter, ServerConfig, SessionSummary, serve_session
 from ._session import Mailbox, Retrieve, TopFilter, Update, wire_size
 from ._state import State
+
+if TYPE_CHECKING:
+    from ._server import ConnectionLimiter, ServerConfig, SessionSummary, serve_session
 from ._util import (
     NEED_DATA,
     PAUSED,
@@ -81,6 +85,21 @@ from ._util import (
 )
 
 __version__ = "0.1.0"
+
+# The server driver (and what only a server needs) loads on first use, so a
+# client pays nothing for it at start-up.
+_LAZY = frozenset({"ConnectionLimiter", "ServerConfig", "SessionSummary", "serve_session"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import _server
+
+        value = getattr(_server, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pop3proto' has no attribute {name!r}")
+
 
 __all__ = [
     "BACKEND",

@@ -29,7 +29,8 @@ one).
 TLS for ``fetch`` and ``bench``: ``pop3s://`` is implicit TLS; ``pop3://``
 requires STLS unless ``--insecure``, except on loopback (127.0.0.0/8, ::1,
 ``localhost``), where STLS is used when offered and a plaintext login is
-allowed otherwise. Certificates are always verified (``--cafile`` adds CAs).
+allowed otherwise (``fetch --no-stls`` skips STLS there, or anywhere with
+``--insecure``). Certificates are always verified (``--cafile`` adds CAs).
 
 ``fetch`` delivers in the order that loses nothing (HARDENING 56-58): write
 ``DIR/tmp/<unique>``, fsync, link into ``DIR/new/``, fsync ``DIR/new/``,
@@ -513,6 +514,7 @@ class _ServeSetup:
 def _serve_setup(args: argparse.Namespace) -> _ServeSetup:
     from pop3proto import ServerConfig
     from pop3proto._auth import CredentialFileError, FailureDelay, load_credentials
+    from pop3proto._server import ConnectionLimiter
 
     from ._common import server_certificate_der
     from .maildrop import Maildir
@@ -559,6 +561,14 @@ def _serve_setup(args: argparse.Namespace) -> _ServeSetup:
     if args.failure_delay is not None:
         extra["failure_delay"] = FailureDelay(
             base=args.failure_delay, maximum=max(15.0, args.failure_delay)
+        )
+    caps = {"per_address": args.max_per_address, "per_user": args.max_per_user}
+    for key, value in caps.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--max-{key.replace('_', '-')} must be at least 1")
+    if any(value is not None for value in caps.values()):
+        extra["limiter"] = ConnectionLimiter(
+            **{key: value for key, value in caps.items() if value is not None}
         )
     config = ServerConfig(
         authenticator=authenticator,
@@ -913,20 +923,27 @@ _NO_HARD_LINKS = frozenset(
 
 _name_lock = threading.Lock()
 _name_counter = 0
+#: (pid, "R<random>.<host>") for this process: computed once per process, as
+#: the host name and the random part do not change between deliveries.
+_name_tail: tuple[int, str] | None = None
 
 
 def _maildir_name() -> str:
     """A Maildir unique name: seconds, microseconds, pid, counter, random, host."""
-    import secrets
-
-    global _name_counter
+    global _name_counter, _name_tail
+    pid = os.getpid()
     with _name_lock:
         _name_counter += 1
         n = _name_counter
+        if _name_tail is None or _name_tail[0] != pid:  # computed anew after fork()
+            import secrets
+
+            host = socket.gethostname() or "localhost"
+            host = host.replace("/", r"\057").replace(":", r"\072")
+            _name_tail = (pid, f"R{secrets.token_hex(4)}.{host}")
+        tail = _name_tail[1]
     sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
-    host = socket.gethostname() or "localhost"
-    host = host.replace("/", r"\057").replace(":", r"\072")
-    return f"{sec}.M{usec}P{os.getpid()}Q{n}R{secrets.token_hex(4)}.{host}"
+    return f"{sec}.M{usec}P{pid}Q{n}{tail}"
 
 
 class _Delivery:
@@ -1089,6 +1106,9 @@ class FetchOptions:
     lf: bool = False
     timeout: float = 60.0
     progress: bool = False
+    #: On ``pop3://``, upgrade with STLS when offered. False logs in without
+    #: TLS; ``_cmd_fetch`` allows that only on loopback or with ``insecure``.
+    stls: bool = True
 
 
 @dataclass
@@ -1142,21 +1162,25 @@ def _open_client(
     insecure: bool,
     timeout: float,
     max_message_size: int | None = None,
+    stls: bool = True,
 ) -> Client:
     """Connect for ``url``: implicit TLS for pop3s://; for pop3:// STLS is
     required unless ``insecure`` or the host is loopback, where STLS is used
-    when offered and plaintext logins are allowed otherwise."""
+    when offered (and ``stls``) and plaintext logins are allowed otherwise."""
     from pop3proto._limits import Limits
 
     from ._sync_client import connect
 
-    ctx = _client_ssl_context(cafile)
     limits = Limits(max_message_size=max_message_size) if max_message_size else None
+    permissive = insecure or _is_loopback_literal(url.host)
+    # Loading the system's CA store takes tens of milliseconds: only when TLS
+    # is certain, or a --cafile is to be checked now; else at STLS.
+    ctx = _client_ssl_context(cafile) if url.tls or cafile or not permissive else None
     if url.tls:
         return connect(
             url.host, url.port, tls=True, ssl_context=ctx, timeout=timeout, limits=limits
         )
-    if insecure or _is_loopback_literal(url.host):
+    if permissive:
         client = connect(
             url.host,
             url.port,
@@ -1167,9 +1191,9 @@ def _open_client(
             limits=limits,
         )
         try:
-            caps = client.capabilities()
+            caps = client.capabilities() if stls else None
             if caps is not None and caps.stls:
-                client.starttls()
+                client.starttls(ctx if ctx is not None else _client_ssl_context(cafile))
         except BaseException:
             client.close()
             raise
@@ -1194,6 +1218,7 @@ def _connect_and_login(
     insecure: bool,
     timeout: float,
     max_message_size: int | None = None,
+    stls: bool = True,
 ) -> Client:
     """Connected and logged in, or ``_Exit`` with code 4 (connect/TLS) or 3 (login)."""
     import ssl
@@ -1208,6 +1233,7 @@ def _connect_and_login(
             insecure=insecure,
             timeout=timeout,
             max_message_size=max_message_size,
+            stls=stls,
         )
     except Pop3TLSError as exc:
         hint = "" if url.tls or insecure else " (use pop3s://, or --insecure to allow plaintext)"
@@ -1290,6 +1316,7 @@ def run_fetch(opts: FetchOptions, *, stderr: IO[str] | None = None) -> FetchResu
             insecure=opts.insecure,
             timeout=opts.timeout,
             max_message_size=opts.max_size,
+            stls=opts.stls,
         )
         result.connected = True
         _fetch_session(client, store, delivery, opts, result, fail, err)
@@ -1527,6 +1554,10 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         raise UsageError("--delete-after-days must not be negative")
     if args.max_size is not None and args.max_size < 1:
         raise UsageError("--max-size must be positive")
+    if args.no_stls and url.tls:
+        raise UsageError("--no-stls is for pop3:// URLs (pop3s:// is TLS from the start)")
+    if args.no_stls and not (args.insecure or _is_loopback_literal(url.host)):
+        raise UsageError("--no-stls needs --insecure unless the server is on loopback")
     user, password = find_credentials(url)
     opts = FetchOptions(
         url=url,
@@ -1543,6 +1574,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         lf=args.lf,
         timeout=args.timeout,
         progress=sys.stderr.isatty() and not args.quiet,
+        stls=not args.no_stls,
     )
     result = run_fetch(opts)
     if result.connected and (not args.quiet or result.exit_code != EXIT_OK):
@@ -1983,6 +2015,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="delay after a failed login (default 2 s, doubling)",
     )
     p.add_argument("--hostname", help="name in APOP timestamps (default: this host)")
+    p.add_argument(
+        "--max-per-address",
+        type=int,
+        metavar="N",
+        help="sessions at once from one client address, per worker (default 50)",
+    )
+    p.add_argument(
+        "--max-per-user",
+        type=int,
+        metavar="N",
+        help="sessions at once of one user, per worker (default 10)",
+    )
     p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default 1024)")
     p.add_argument("--sync", action="store_true", help="use the threaded blocking server")
     p.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop exists")
@@ -2028,6 +2072,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="allow plaintext logins when the server offers no TLS",
+    )
+    p.add_argument(
+        "--no-stls",
+        action="store_true",
+        help="on pop3://, log in without TLS even if STLS is offered "
+        "(loopback, or with --insecure)",
     )
     p.add_argument(
         "--window",

@@ -534,6 +534,12 @@ class DovecotServer:
     As root the mail belongs to the ``dovecot`` system user (Dovecot refuses
     mail access as uid 0) and login processes run chrooted as ``dovenull``;
     as another user everything runs as that user.
+
+    ``login_mode`` is ``"secure"`` (Dovecot's defaults: a new ``pop3-login``
+    process per connection and a new ``pop3`` process per session) or
+    ``"perf"`` (Dovecot's "high-performance" mode: long-lived login processes,
+    ``service_count = 0`` with ``process_min_avail`` = CPU count, and reused
+    ``pop3`` processes, with limits raised for 1000 concurrent sessions).
     """
 
     base: Path
@@ -542,6 +548,8 @@ class DovecotServer:
     password: str = "secret"
     #: every user and their password
     users: dict[str, str] = field(default_factory=dict)
+    #: ``"secure"`` (Dovecot's defaults) or ``"perf"`` (high-performance login)
+    login_mode: str = "secure"
     host: str = field(default=LOOPBACK, init=False)
     #: plaintext POP3 with STLS; 0 until :meth:`start`
     port: int = field(default=0, init=False)
@@ -553,6 +561,8 @@ class DovecotServer:
 
     def __post_init__(self) -> None:
         self.base = Path(self.base).resolve()
+        if self.login_mode not in ("secure", "perf"):
+            raise ValueError(f"login_mode must be 'secure' or 'perf', not {self.login_mode!r}")
 
     # -- paths -------------------------------------------------------------
     @property
@@ -707,6 +717,26 @@ class DovecotServer:
                 internal_group = str(os.getgid())
             chroot = ""
         b = self.base
+        login_extra = pop3_extra = anvil_extra = ""
+        if self.login_mode == "perf":
+            cpus = os.cpu_count() or 1
+            login_extra = f"""\
+  service_count = 0
+  process_min_avail = {cpus}
+  client_limit = 1200
+  vsz_limit = 1G
+"""
+            pop3_extra = f"""\
+service pop3 {{
+  service_count = 0
+  process_min_avail = {cpus * 4}
+  process_limit = 1200
+}}
+service auth {{
+  client_limit = 4096
+}}
+"""
+            anvil_extra = "  client_limit = 4096\n"
         return f"""\
 # Private loopback-only POP3 test server written by tests/peers.py.
 instance_name = pop3proto-test-{self.port}
@@ -755,14 +785,14 @@ service pop3-login {{
     port = {self.tls_port}
     ssl = yes
   }}
-}}
+{login_extra}}}
 service anvil {{
   chroot = {"empty" if self._root else ""}
   unix_listener anvil-auth-penalty {{
     mode = 0
   }}
-}}
-"""
+{anvil_extra}}}
+{pop3_extra}"""
 
     def _check_traversable(self) -> None:
         """As root, make sure the mail user can reach ``base``; raise PeerError if not.
@@ -890,7 +920,7 @@ service anvil {{
 
 @contextlib.contextmanager
 def running_dovecot(
-    workdir: Path, user: str = "alice", password: str = "secret"
+    workdir: Path, user: str = "alice", password: str = "secret", login_mode: str = "secure"
 ) -> Iterator[DovecotServer]:
     """Start a :class:`DovecotServer` for *workdir* (a test's temporary directory); stop it after.
 
@@ -909,7 +939,7 @@ def running_dovecot(
         (workdir / "server").symlink_to(base)
     else:
         base = workdir
-    server = DovecotServer(base=base, user=user, password=password)
+    server = DovecotServer(base=base, user=user, password=password, login_mode=login_mode)
     try:
         server.start()
         yield server

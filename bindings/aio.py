@@ -18,12 +18,11 @@ Everything the engine answers to one read goes out in one write. Reading a
 connection stops while its output is backed up (above ``WRITE_HIGH_WATER``,
 until the client reads) or its unread input is large (``READ_LIMIT``), so a
 client that pipelines without reading cannot make the server buffer without
-bound (HARDENING 46). Maildrop listing and the UPDATE step
-(``Maildrop.open``, ``commit``) run in the loop's default thread pool, since
-a large Maildir takes a while to list and a commit fsyncs; message bodies
-(``OpenMessage``) are read on the event-loop thread in 64 KiB chunks as they
-are sent: a short block per chunk, fine for local disks (serve maildrops on
-slow network file systems from several processes instead).
+bound (HARDENING 46). The UPDATE step (``commit``) runs in the loop's
+default thread pool, since it fsyncs; opening a maildrop (its index makes
+that cheap) and reading message bodies (64 KiB chunks as they are sent) are
+done on the event-loop thread: short blocks, fine for local disks (serve
+maildrops on slow network file systems from several processes instead).
 
 Client::
 
@@ -367,8 +366,12 @@ class _ServerConnection(_Pipe):
         )
 
     async def _maildrop(self, runner: MaildropRunner, request: rq.Request) -> Any:
-        if isinstance(runner.maildrop, MemoryMaildrop):
-            return runner.run(request)  # never blocks
+        # Opening a maildrop reads its index and directories, like reading a
+        # message: short local work, done inline (a hop through the thread
+        # pool cost more than the work itself). A commit unlinks and fsyncs,
+        # which can stall on a busy disk: that goes to a worker thread.
+        if isinstance(runner.maildrop, MemoryMaildrop) or not isinstance(request, rq.Commit):
+            return runner.run(request)
         job = self._loop.run_in_executor(None, runner.run, request)
         self._busy = job
         result = await asyncio.shield(job)

@@ -566,6 +566,8 @@ def test_serve_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
         (["--listen", "127.0.0.1:x"], "bad port"),
         (["--expire", "soon"], "--expire"),
         (["--cert", "/nonexistent.pem"], "certificate"),
+        (["--max-per-address", "0"], "--max-per-address must be at least 1"),
+        (["--max-per-user", "0"], "--max-per-user must be at least 1"),
     ],
 )
 def test_serve_usage_errors(
@@ -573,6 +575,14 @@ def test_serve_usage_errors(
 ) -> None:
     assert main(["serve", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_connection_caps_reach_the_server_config() -> None:
+    from pop3proto.bindings.cli import _serve_setup, build_parser
+
+    args = build_parser().parse_args(["serve", "--max-per-address", "7", "--max-per-user", "3"])
+    limiter = _serve_setup(args).config.limiter
+    assert (limiter.per_address, limiter.per_user) == (7, 3)
 
 
 def test_serve_bad_users_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1421,3 +1431,18 @@ def test_demo_messages_are_realistic() -> None:
     assert cli.demo_messages() == DEMO  # deterministic
     table = cli.demo_authenticator(1)
     assert isinstance(table, PasswordTable) and table.user_exists("demo1")
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "message"),
+    [
+        ("pop3s://demo@127.0.0.1:1", [], "--no-stls is for pop3:// URLs"),
+        ("pop3://demo@192.0.2.1:1", [], "--no-stls needs --insecure"),
+    ],
+)
+def test_fetch_no_stls_rules(
+    url: str, extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _out, err = fetch(capsys, url, tmp_path / "Maildir", "--no-stls", *extra)
+    assert code == 2
+    assert message in err

@@ -4,8 +4,9 @@ engine's ``ClientSession`` generators through the binding's own ``_run``."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterable
-from typing import Protocol, TypeVar, cast, overload
+from collections.abc import Callable, Coroutine, Generator, Iterable
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from pop3proto import _requests as rq
 from pop3proto._client import ClientSession, Driver
@@ -14,7 +15,7 @@ from pop3proto._requests import TLSInfo
 
 from ._common import ClientBase
 
-__all__ = ["AsyncClientMethods", "Writable"]
+__all__ = ["AsyncClientMethods", "Connecting", "Writable"]
 
 T = TypeVar("T")
 
@@ -151,3 +152,41 @@ class AsyncClientMethods(ClientBase):
         """Mark each message of ``msgs`` deleted, pipelined when possible;
         returns how many were marked."""
         return await self._run(self._session.delete_many(msgs, window))
+
+
+class _Closes(Protocol):
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+C = TypeVar("C", bound=_Closes)
+
+
+class Connecting(Generic[C]):
+    """What an async ``connect()`` returns: ``await`` it for a client, or use
+    it as ``async with connect(...) as client:`` (QUIT on a normal exit)."""
+
+    def __init__(self, opening: Callable[[], Coroutine[Any, Any, C]]) -> None:
+        self._opening = opening
+        self._client: C | None = None
+
+    def __await__(self) -> Generator[Any, None, C]:
+        return self._opening().__await__()
+
+    async def __aenter__(self) -> C:
+        self._client = await self._opening()
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.__aexit__(exc_type, exc, tb)

@@ -336,6 +336,10 @@ class ServerBase:
         self._addresses = [
             (*sock.getsockname()[:2], implicit) for sock, implicit in self._listeners
         ]
+        self._setup()
+
+    def _setup(self) -> None:
+        """The binding's own state, made once the listeners are bound."""
 
     @property
     def addresses(self) -> list[tuple[str, int, bool]]:

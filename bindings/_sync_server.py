@@ -14,10 +14,8 @@ from typing import Any
 
 import pop3proto as p
 from pop3proto import _requests as rq
-from pop3proto._auth import Authenticator
 
 from ._common import MaildropRunner, ServerBase, is_loopback, tls_info
-from .maildrop import Maildrop
 
 __all__ = ["Server"]
 
@@ -39,32 +37,7 @@ class Server(ServerBase):
     call ``start()`` / ``close()``.
     """
 
-    def __init__(
-        self,
-        maildrop: Maildrop,
-        authenticator: Authenticator | None = None,
-        *,
-        listen: tuple[str, int] | None = ("127.0.0.1", 110),
-        tls_listen: tuple[str, int] | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        server_certificate: bytes | None = None,
-        config: p.ServerConfig | None = None,
-        backlog: int = 1024,
-        handshake_timeout: float = 30.0,
-        reuse_port: bool = False,
-    ) -> None:
-        super().__init__(
-            maildrop,
-            authenticator,
-            listen=listen,
-            tls_listen=tls_listen,
-            ssl_context=ssl_context,
-            server_certificate=server_certificate,
-            config=config,
-            backlog=backlog,
-            handshake_timeout=handshake_timeout,
-            reuse_port=reuse_port,
-        )
+    def _setup(self) -> None:
         self._closing = threading.Event()
         self._threads: set[threading.Thread] = set()
         self._sockets: set[socket.socket] = set()

@@ -55,12 +55,11 @@ from typing import Any, TypeVar, cast
 
 import pop3proto as p
 from pop3proto import _requests as rq
-from pop3proto._auth import Authenticator
 from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
 from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 
-from ._asyncclient import AsyncClientMethods
+from ._asyncclient import AsyncClientMethods, Connecting
 from ._common import (
     POP3_PORT,
     POP3S_PORT,
@@ -70,7 +69,7 @@ from ._common import (
     is_loopback,
     tls_info,
 )
-from .maildrop import Maildrop, MemoryMaildrop
+from .maildrop import MemoryMaildrop
 
 __all__ = [
     "POP3S_PORT",
@@ -486,32 +485,7 @@ class Server(ServerBase):
     and ``await close()``; ``await serve_forever()`` serves until ``close()``.
     """
 
-    def __init__(
-        self,
-        maildrop: Maildrop,
-        authenticator: Authenticator | None = None,
-        *,
-        listen: tuple[str, int] | None = ("127.0.0.1", 110),
-        tls_listen: tuple[str, int] | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        server_certificate: bytes | None = None,
-        config: p.ServerConfig | None = None,
-        backlog: int = 1024,
-        handshake_timeout: float = 30.0,
-        reuse_port: bool = False,
-    ) -> None:
-        super().__init__(
-            maildrop,
-            authenticator,
-            listen=listen,
-            tls_listen=tls_listen,
-            ssl_context=ssl_context,
-            server_certificate=server_certificate,
-            config=config,
-            backlog=backlog,
-            handshake_timeout=handshake_timeout,
-            reuse_port=reuse_port,
-        )
+    def _setup(self) -> None:
         for sock, _ in self._listeners:
             sock.setblocking(False)
         self._servers: list[asyncio.AbstractServer] = []
@@ -927,31 +901,6 @@ async def _open_client(
     raise CapaClosedError()  # pragma: no cover - the second try sends no CAPA
 
 
-class _Connecting:
-    """What ``connect()`` returns: await it for a ``Client``, or use it as
-    ``async with connect(...) as client:`` (QUIT at the end)."""
-
-    def __init__(self, opening: Callable[[], Any]) -> None:
-        self._opening = opening
-        self._client: Client | None = None
-
-    def __await__(self) -> Generator[Any, None, Client]:
-        return cast(Generator[Any, None, Client], self._opening().__await__())
-
-    async def __aenter__(self) -> Client:
-        self._client = await self
-        return self._client
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._client is not None
-        await self._client.__aexit__(exc_type, exc, tb)
-
-
 def connect(
     host: str,
     port: int | None = None,
@@ -966,7 +915,7 @@ def connect(
     connect_timeout: float | None = None,
     greeting_timeout: float | None = None,
     min_transfer_rate: float = 16384.0,
-) -> _Connecting:
+) -> Connecting[Client]:
     """Connect to a POP3 server: ``client = await connect(...)`` or
     ``async with connect(...) as client:``; the client is ready (greeting
     read, CAPA asked, STLS done when asked for).
@@ -980,7 +929,7 @@ def connect(
     ``connect_timeout`` and ``greeting_timeout`` default to ``timeout``.
     A server that closes the connection on CAPA is connected to again
     without CAPA."""
-    return _Connecting(
+    return Connecting(
         lambda: _open_client(
             host,
             port,

@@ -56,12 +56,11 @@ import trio  # type: ignore[import-untyped,unused-ignore]  # typed from trio 0.2
 
 import pop3proto as p
 from pop3proto import _requests as rq
-from pop3proto._auth import Authenticator
 from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
 from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 
-from ._asyncclient import AsyncClientMethods
+from ._asyncclient import AsyncClientMethods, Connecting
 from ._common import (
     POP3_PORT,
     POP3S_PORT,
@@ -71,7 +70,6 @@ from ._common import (
     is_loopback,
     tls_info,
 )
-from .maildrop import Maildrop
 
 __all__ = [
     "POP3S_PORT",
@@ -153,32 +151,7 @@ class Server(ServerBase):
     releases the listeners of a server that will not be served.
     """
 
-    def __init__(
-        self,
-        maildrop: Maildrop,
-        authenticator: Authenticator | None = None,
-        *,
-        listen: tuple[str, int] | None = ("127.0.0.1", 110),
-        tls_listen: tuple[str, int] | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        server_certificate: bytes | None = None,
-        config: p.ServerConfig | None = None,
-        backlog: int = 1024,
-        handshake_timeout: float = 30.0,
-        reuse_port: bool = False,
-    ) -> None:
-        super().__init__(
-            maildrop,
-            authenticator,
-            listen=listen,
-            tls_listen=tls_listen,
-            ssl_context=ssl_context,
-            server_certificate=server_certificate,
-            config=config,
-            backlog=backlog,
-            handshake_timeout=handshake_timeout,
-            reuse_port=reuse_port,
-        )
+    def _setup(self) -> None:
         self._served = False
 
     def close(self) -> None:
@@ -712,38 +685,6 @@ async def _open_client(
     raise CapaClosedError()  # pragma: no cover - the second try sends no CAPA
 
 
-class _Connect:
-    """What ``connect()`` returns: ``await`` it for a ``Client``, or use it
-    as ``async with connect(...) as client``."""
-
-    def __init__(self, host: str, port: int | None, options: dict[str, Any]) -> None:
-        self._host = host
-        self._port = port
-        self._options = options
-        self._client: Client | None = None
-
-    def _open(self) -> Any:
-        return _open_client(self._host, self._port, **self._options)
-
-    def __await__(self) -> Generator[Any, None, Client]:
-        client: Client = yield from self._open().__await__()
-        return client
-
-    async def __aenter__(self) -> Client:
-        self._client = await self._open()
-        return self._client
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.__aexit__(exc_type, exc, tb)
-
-
 def connect(
     host: str,
     port: int | None = None,
@@ -758,7 +699,7 @@ def connect(
     connect_timeout: float | None = None,
     greeting_timeout: float | None = None,
     min_transfer_rate: float = 16384.0,
-) -> _Connect:
+) -> Connecting[Client]:
     """Connect to a POP3 server: ``async with connect(...) as client`` (QUIT
     on a normal exit), or ``client = await connect(...)``. The client is
     ready: greeting read, CAPA asked, STLS done when asked for.
@@ -772,19 +713,19 @@ def connect(
     ``connect_timeout`` and ``greeting_timeout`` default to ``timeout``.
     A server that closes the connection on CAPA is connected to again
     without CAPA."""
-    return _Connect(
-        host,
-        port,
-        {
-            "tls": tls,
-            "starttls": starttls,
-            "timeout": timeout,
-            "ssl_context": ssl_context,
-            "allow_insecure": allow_insecure,
-            "operation_timeout": operation_timeout,
-            "limits": limits,
-            "connect_timeout": connect_timeout,
-            "greeting_timeout": greeting_timeout,
-            "min_transfer_rate": min_transfer_rate,
-        },
+    return Connecting(
+        lambda: _open_client(
+            host,
+            port,
+            tls=tls,
+            starttls=starttls,
+            timeout=timeout,
+            ssl_context=ssl_context,
+            allow_insecure=allow_insecure,
+            operation_timeout=operation_timeout,
+            limits=limits,
+            connect_timeout=connect_timeout,
+            greeting_timeout=greeting_timeout,
+            min_transfer_rate=min_transfer_rate,
+        )
     )

@@ -949,7 +949,11 @@ def _maildir_name() -> str:
 class _Delivery:
     """Maildir delivery in the safe order: ``tmp/<unique>`` → write → fsync →
     link into ``new/`` → fsync ``new/`` → unlink the tmp name. Every tmp file
-    it creates is removed on failure (and by :meth:`cleanup`)."""
+    it creates is removed on failure (and by :meth:`cleanup`).
+
+    :meth:`deliver` does it all for one message; ``fetch`` instead writes
+    each message (:meth:`begin`) and hands it to a :class:`_Syncer`, which
+    does the rest in the background while the next messages arrive."""
 
     _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -969,8 +973,10 @@ class _Delivery:
             self.close()
             raise UsageError(f"--maildir {path}: {exc.strerror or exc}") from None
 
-    def begin(self) -> _TmpMessage:
-        name = _maildir_name()
+    def begin(self, name: str | None = None) -> _TmpMessage:
+        """Create ``tmp/<name>`` (a fresh unique name by default) for writing."""
+        if name is None:
+            name = _maildir_name()
         try:
             fd = os.open(
                 name,
@@ -991,6 +997,33 @@ class _Delivery:
         except BaseException:
             msg.abort()
             raise
+
+    def make_durable(self, batch: Sequence[_TmpMessage]) -> None:
+        """fsync each written file and link it into ``new/``, then one fsync
+        of ``new/`` for the whole batch, then drop the tmp names. On failure
+        nothing of the batch stays in ``new/`` (so all of it is fetched
+        again) and ``_DiskError`` is raised."""
+        linked: list[_TmpMessage] = []
+        try:
+            for msg in batch:
+                msg.sync_and_link()
+                linked.append(msg)
+            self.sync_new()
+        except BaseException:
+            for msg in linked:
+                with contextlib.suppress(OSError):
+                    os.unlink(msg.name, dir_fd=self._fds["new"])
+            for msg in batch:
+                msg.abort()
+            raise
+        for msg in batch:
+            self._unlink_tmp(msg.name)
+
+    def sync_new(self) -> None:
+        try:
+            os.fsync(self._fds["new"])
+        except OSError as exc:
+            raise _DiskError(f"fsync of {self.path}/new: {exc.strerror}") from exc
 
     def _unlink_tmp(self, name: str) -> None:
         with contextlib.suppress(OSError):
@@ -1043,13 +1076,18 @@ class _TmpMessage:
             self._raw_write(data)
         return len(data)
 
-    def finish(self) -> str:
-        """fsync, link into ``new/``, fsync ``new/``; returns the file name."""
+    def end(self) -> None:
+        """The whole message is written (a held-back CR goes out now)."""
+        if self._cr:
+            self._cr = False
+            self._raw_write(b"\r")
+
+    def sync_and_link(self) -> None:
+        """fsync and close the file, link it into ``new/`` (not yet durable
+        there: see :meth:`_Delivery.sync_new`)."""
         d = self.delivery
         try:
-            if self._cr:
-                self._raw_write(b"\r")
-                self._cr = False
+            self.end()
             try:
                 os.fsync(self.fd)
             except OSError as exc:
@@ -1067,17 +1105,11 @@ class _TmpMessage:
                 # A file system without hard links: rename is just as atomic.
                 os.rename(self.name, self.name, src_dir_fd=d._fds["tmp"], dst_dir_fd=d._fds["new"])
         except OSError as exc:
-            d._unlink_tmp(self.name)
             raise _DiskError(f"linking into {d.path}/new: {exc.strerror}") from exc
-        try:
-            os.fsync(d._fds["new"])
-        except OSError as exc:
-            # Not durable: take the message back out so it is fetched again.
-            with contextlib.suppress(OSError):
-                os.unlink(self.name, dir_fd=d._fds["new"])
-            d._unlink_tmp(self.name)
-            raise _DiskError(f"fsync of {d.path}/new: {exc.strerror}") from exc
-        d._unlink_tmp(self.name)
+
+    def finish(self) -> str:
+        """fsync, link into ``new/``, fsync ``new/``; returns the file name."""
+        self.delivery.make_durable([self])
         return self.name
 
     def abort(self) -> None:
@@ -1086,6 +1118,134 @@ class _TmpMessage:
                 os.close(self.fd)
             self.fd = -1
         self.delivery._unlink_tmp(self.name)
+
+
+class _Syncer:
+    """Makes written messages durable in batches: each batch is fsynced file
+    by file, linked into ``new/`` and covered by one fsync of ``new/``
+    (:meth:`_Delivery.make_durable`). Batches run in the calling thread
+    until one takes longer than :attr:`SLOW` (a real disk); from then on in a
+    background thread, while the connection goes on receiving. :meth:`take` hands back the tokens of
+    the messages now durable, in the order they were submitted. At most
+    ``max_pending`` messages wait (bounded memory and open files); a disk
+    error stops the syncer, is raised by the next call, and every message not
+    yet durable is taken back out."""
+
+    #: A batch taking longer than this (seconds) moves the work to the thread.
+    SLOW = 0.002
+
+    def __init__(self, delivery: _Delivery, max_pending: int = 64) -> None:
+        self._delivery = delivery
+        self._max = max_pending
+        self._cv = threading.Condition()
+        self._todo: list[tuple[int, _TmpMessage]] = []
+        self._busy = 0
+        self._done: list[int] = []
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._bytes = 0
+        self._wake_count = 8
+        self._wake_bytes = 1 << 20
+        # Until a batch is seen to be slow, batches are made durable in the
+        # calling thread: on a RAM disk or a fast SSD the thread would cost
+        # more than it hides.
+        self._inline: list[tuple[int, _TmpMessage]] | None = []
+
+    def _sync_inline(self) -> None:
+        assert self._inline is not None
+        batch, self._inline = self._inline, []
+        started = time.perf_counter()
+        try:
+            self._delivery.make_durable([msg for _, msg in batch])
+        except BaseException as exc:
+            self._error = exc
+            self._inline = None
+            raise
+        self._done.extend(token for token, _ in batch)
+        if time.perf_counter() - started > self.SLOW:
+            self._inline = None  # from now on in the background
+
+    def submit(self, token: int, msg: _TmpMessage) -> None:
+        """Hand over a fully written message (``token`` identifies it)."""
+        if self._inline is not None:
+            self._inline.append((token, msg))
+            if len(self._inline) >= self._wake_count or msg.size >= self._wake_bytes:
+                self._sync_inline()
+            return
+        with self._cv:
+            while self._error is None and len(self._todo) + self._busy >= self._max:
+                self._cv.wait()
+            if self._error is not None:
+                msg.abort()
+                raise self._error
+            self._todo.append((token, msg))
+            self._bytes += msg.size
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fetch-fsync", daemon=True)
+                self._thread.start()
+            # Wake the thread for a batch, not for every message: each wake-up
+            # costs two thread switches, more than an fsync on a RAM disk.
+            if len(self._todo) >= self._wake_count or self._bytes >= self._wake_bytes:
+                self._cv.notify_all()
+
+    def take(self) -> list[int]:
+        """The tokens made durable since the last call (never raises)."""
+        with self._cv:
+            done, self._done = self._done, []
+        return done
+
+    def flush(self) -> None:
+        """Wait until every submitted message is durable; raises the disk
+        error that stopped the syncer, if any."""
+        if self._inline:
+            self._sync_inline()
+        with self._cv:
+            self._cv.notify_all()
+            while self._error is None and (self._todo or self._busy):
+                self._cv.wait()
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        """Stop the thread; messages still waiting are taken back out."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._cv:
+            todo, self._todo = self._todo, []
+        todo.extend(self._inline or ())
+        self._inline = None
+        for _, msg in todo:
+            msg.abort()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._todo and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                batch, self._todo = self._todo, []
+                self._busy = len(batch)
+                self._bytes = 0
+            try:
+                self._delivery.make_durable([msg for _, msg in batch])
+            except BaseException as exc:
+                with self._cv:
+                    self._error = exc
+                    self._busy = 0
+                    todo, self._todo = self._todo, []
+                    self._cv.notify_all()
+                for _, msg in todo:
+                    msg.abort()
+                return
+            with self._cv:
+                self._done.extend(token for token, _ in batch)
+                self._busy = 0
+                self._cv.notify_all()
 
 
 @dataclass
@@ -1408,30 +1568,60 @@ def _fetch_session(
     progress = _Progress(opts.progress, len(to_fetch), err)
     delivered: list[int] = []
     disk_failed = False
+    octets: dict[int, int] = {}
 
-    def accept(msg: int, data: bytes | None, size: int, name: str | None = None) -> None:
-        """A message arrived whole: deliver it (unless already written) and record its UID."""
-        listed = sizes.get(msg, -1)
-        if size not in (listed, listed + 2):
-            _err(f"fetch: warning: message {msg}: LIST said {listed} octets, RETR gave {size}", err)
-        if name is None:
-            assert data is not None
-            delivery.deliver(data)
-        uid = uids.get(msg)
-        if uid is not None:
-            try:
-                store.add(uid)
-            except UidStoreError as exc:
-                raise _DiskError(str(exc)) from exc
-        delivered.append(msg)
-        result.fetched += 1
-        result.octets += size
-        progress.update(result.fetched, result.octets)
+    def durable(msgs: list[int]) -> None:
+        """These messages are durable in ``new/``: record their UIDs."""
+        for msg in msgs:
+            uid = uids.get(msg)
+            if uid is not None:
+                store.record(uid)
+            delivered.append(msg)
+            result.fetched += 1
+            result.octets += octets.pop(msg, 0)
+        if msgs:
+            progress.update(result.fetched, result.octets)
 
+    def intend(pairs: list[tuple[int, str]]) -> None:
+        """Before delivering: note each (message, file name) in the store."""
+        try:
+            store.intend((uids[msg], name) for msg, name in pairs if msg in uids)
+        except UidStoreError as exc:
+            raise _DiskError(str(exc)) from exc
+
+    syncer = _Syncer(delivery)
     try:
-        _retrieve_all(client, to_fetch, sizes, opts.window, delivery, accept, result, err)
-    except _DiskError as exc:
+        finished = False
+        try:
+            _retrieve_all(
+                client,
+                to_fetch,
+                sizes,
+                opts.window,
+                delivery,
+                syncer,
+                intend,
+                durable,
+                octets,
+                result,
+                err,
+            )
+            finished = True
+        finally:
+            # Whatever stopped the loop, what was written becomes durable and recorded.
+            try:
+                syncer.flush()
+            finally:
+                durable(syncer.take())
+                syncer.close()
+                if not finished:
+                    with contextlib.suppress(UidStoreError, OSError):
+                        store.commit()
+        store.commit()  # every UID durable before any DELE
+    except (_DiskError, UidStoreError) as exc:
         disk_failed = True
+        with contextlib.suppress(UidStoreError, OSError):
+            store.commit()  # keep what did arrive (its intents cover it anyway)
         fail(EXIT_FAILED, f"{exc}; stopped without deleting anything")
     finally:
         progress.end()
@@ -1464,25 +1654,60 @@ def _retrieve_all(
     sizes: dict[int, int],
     window: int,
     delivery: _Delivery,
-    accept: Callable[[int, bytes | None, int, str | None], None],
+    syncer: _Syncer,
+    intend: Callable[[list[tuple[int, str]]], None],
+    durable: Callable[[list[int]], None],
+    octets: dict[int, int],
     result: FetchResult,
     err: IO[str],
 ) -> None:
     """Retrieve ``msgs`` in order: runs of small messages pipelined
-    (``retrieve_many``), large ones streamed straight into ``tmp/``. A
-    message answered ``-ERR`` counts as failed and the rest go on; a broken
-    connection or a disk error ends the loop."""
+    (``retrieve_many``), large ones streamed straight into ``tmp/``. Before
+    a run its file names go to the UID store as intents; each message, once
+    written, goes to ``syncer`` to be made durable, and ``durable`` is told
+    of those that are. A message answered ``-ERR`` counts as failed and the
+    rest go on; a broken connection or a disk error ends the loop."""
     from pop3proto import Pop3Error
+
+    def check_size(msg: int, size: int) -> None:
+        listed = sizes.get(msg, -1)
+        if size not in (listed, listed + 2):
+            _err(f"fetch: warning: message {msg}: LIST said {listed} octets, RETR gave {size}", err)
+        octets[msg] = size
+
+    def write(msg: int, data: bytes, name: str) -> None:
+        check_size(msg, len(data))
+        tmp = delivery.begin(name)
+        try:
+            tmp.write(data)
+        except BaseException:
+            tmp.abort()
+            raise
+        syncer.submit(msg, tmp)
+        durable(syncer.take())
+
+    def one(msg: int) -> None:
+        """Retrieve one small message on its own (after a pipelined -ERR)."""
+        try:
+            data = client.retrieve(msg)
+        except Pop3Error as exc:
+            if not client.session.usable:
+                raise
+            result.failed += 1
+            _err(f"fetch: message {msg} not retrieved: {exc}", err)
+            return
+        write(msg, data, names[msg])
 
     i = 0
     while i < len(msgs) and client.session.usable:
         if sizes[msgs[i]] >= STREAM_THRESHOLD:
             msg = msgs[i]
             i += 1
-            tmp = delivery.begin()
+            name = _maildir_name()
+            intend([(msg, name)])
+            tmp = delivery.begin(name)
             try:
                 size = client.retrieve_into(msg, tmp)
-                name = tmp.finish()
             except Pop3Error as exc:
                 tmp.abort()
                 if not client.session.usable:
@@ -1493,33 +1718,28 @@ def _retrieve_all(
             except BaseException:
                 tmp.abort()
                 raise
-            accept(msg, None, size, name)
+            check_size(msg, size)
+            syncer.submit(msg, tmp)
+            durable(syncer.take())
             continue
         run: list[int] = []
         while i < len(msgs) and sizes[msgs[i]] < STREAM_THRESHOLD:
             run.append(msgs[i])
             i += 1
+        names = {msg: _maildir_name() for msg in run}
+        intend(list(names.items()))
         done: set[int] = set()
         try:
             for msg, data in client.retrieve_many(run, window):
-                accept(msg, data, len(data), None)
+                write(msg, data, names[msg])
                 done.add(msg)
         except Pop3Error:
             if not client.session.usable:
                 raise
             # Some RETR got -ERR: find out which, one at a time.
             for msg in run:
-                if msg in done:
-                    continue
-                try:
-                    data = client.retrieve(msg)
-                except Pop3Error as exc:
-                    if not client.session.usable:
-                        raise
-                    result.failed += 1
-                    _err(f"fetch: message {msg} not retrieved: {exc}", err)
-                    continue
-                accept(msg, data, len(data), None)
+                if msg not in done:
+                    one(msg)
 
 
 def _delete(client: Client, msgs: list[int], window: int, err: IO[str]) -> list[int]:

@@ -7,12 +7,27 @@ recorded only once its message is on disk and fsynced, and a message is
 deleted on the server only once its UID is recorded, so a fetch killed at any
 point loses nothing and fetches at most one message twice (HARDENING 56, 58).
 
+Two ways to record:
+
+* ``add`` appends one line and fsyncs before it returns: one fsync per UID.
+* ``intend`` + ``record`` + ``commit``, what ``fetch`` does: before a batch of
+  messages is delivered, ``intend`` appends one *intent* line per message (the
+  UID and the Maildir file name it is about to be delivered under) and fsyncs
+  once; each message is recorded in memory (``record``) once its file is
+  durable in ``new/``; ``commit`` then rewrites the store (fsync + rename)
+  before anything is deleted on the server. A fetch killed in between leaves
+  intent lines behind: the next open looks each one up in the Maildir's
+  ``new/`` and ``cur/`` and records the UID of every message found there, so
+  not even one message is fetched twice — with one fsync per batch instead
+  of one per message.
+
 Promises:
 
-* Durability: ``add`` appends one line and fsyncs before it returns; a store
-  is created and rewritten (``prune``, repair of a torn last line) through a
-  temporary file, fsync, rename and an fsync of the directory, so the file is
-  always either the old or the new version.
+* Durability: ``add`` appends one line and fsyncs before it returns;
+  ``intend`` likewise for its intent lines; a store is created and rewritten
+  (``commit``, ``prune``, repair of a torn last line, resolution of intents)
+  through a temporary file, fsync, rename and an fsync of the directory, so
+  the file is always either the old or the new version.
 * Bounded parsing: lines longer than ``MAX_LINE``, more than ``MAX_LINES``
   lines, or a file larger than ``MAX_FILE_SIZE`` raise ``UidStoreError``
   instead of growing memory; so does any malformed line other than a torn
@@ -29,8 +44,10 @@ File format (ASCII)::
 
     # pop3proto uid store 1
     1700000000 <escaped uid>
+    ? <maildir file name> <escaped uid>
 
-one line per delivery: the Unix time of delivery and the UID.
+one line per delivery: the Unix time of delivery and the UID; ``?`` lines are
+intents (see above), present only while a fetch runs or after one was killed.
 """
 
 from __future__ import annotations
@@ -77,6 +94,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SAFE_UID = frozenset(range(0x21, 0x7F)) - {ord("%")}
 _SAFE_KEY = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _ESCAPE = re.compile(rb"%([0-9A-F]{2})")
+#: A Maildir unique name as an intent line may hold it: printable ASCII, no dot
+#: first, no ``/``, no ``:`` or ``!`` (those start the info part in ``cur/``).
+_MAILDIR_NAME = re.compile(rb"[\x22-\x2d\x30-\x39\x3b-\x7e][\x22-\x2e\x30-\x39\x3b-\x7e]{0,254}")
 
 
 class UidStoreError(Exception):
@@ -92,6 +112,8 @@ def escape(uid: str) -> str:
     """``uid`` with every octet of its UTF-8 form outside 0x21-0x7E, and
     ``%``, written as ``%XX``: printable, no space, never a path separator
     issue inside a line. Lone surrogates (undecodable octets) round-trip."""
+    if uid.isascii() and uid.isprintable() and " " not in uid and "%" not in uid:
+        return uid  # the usual case: nothing to escape
     raw = uid.encode("utf-8", "surrogateescape")
     return "".join(chr(b) if b in _SAFE_UID else f"%{b:02X}" for b in raw)
 
@@ -151,12 +173,23 @@ class UidStore:
     Not thread-safe: one fetch owns it.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], key: str) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        key: str,
+        maildir: str | os.PathLike[str] | None = None,
+    ) -> None:
         if not key or "/" in key or key in (".", "..") or "\0" in key:
             raise ValueError(f"invalid store name: {key!r}")
         self.directory = os.fspath(directory)
         self.key = key
+        #: The Maildir whose ``new/`` and ``cur/`` intents are looked up in
+        #: (None: intents left by a killed fetch are dropped, so those
+        #: messages are fetched again).
+        self.maildir = None if maildir is None else os.fspath(maildir)
         self._entries: dict[str, float] = {}
+        self._intents: dict[str, str] = {}
+        self._dirty = False
         self._dir_fd = -1
         self._lock_fd = -1
         self._fd = -1
@@ -181,7 +214,8 @@ class UidStore:
     ) -> UidStore:
         """The store of account (``host``, ``port``, ``user``) in ``maildir``:
         ``maildir/pop3proto-uids/<account_key(...)>``."""
-        return cls(os.path.join(os.fspath(maildir), STORE_DIR), account_key(host, port, user))
+        root = os.fspath(maildir)
+        return cls(os.path.join(root, STORE_DIR), account_key(host, port, user), maildir=root)
 
     @property
     def path(self) -> str:
@@ -218,8 +252,60 @@ class UidStore:
         line = f"{stamp} {escape(uid)}\n".encode("ascii")
         if len(line) > MAX_LINE:
             raise UidStoreError("UID too long to record")
+        self._append(line)
+        self._entries[uid] = float(stamp)
+
+    def intend(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Before delivering: note that each (``uid``, ``name``) is about to be
+        delivered as Maildir file ``name``. Durable when it returns (one fsync
+        for all of them). UIDs already recorded are skipped. Raises
+        ``UidStoreError`` (``ValueError`` for a name no Maildir delivery makes)."""
+        self._check_open()
+        lines = []
+        for uid, name in pairs:
+            if not uid:
+                raise ValueError("empty UID")
+            if not name.isascii() or not _MAILDIR_NAME.fullmatch(name.encode("ascii")):
+                raise ValueError(f"not a Maildir file name: {name!r}")
+            if uid in self._entries:
+                continue
+            line = f"? {name} {escape(uid)}\n".encode("ascii")
+            if len(line) > MAX_LINE:
+                raise UidStoreError("UID too long to record")
+            lines.append(line)
+        if not lines:
+            return
+        self._append(b"".join(lines))
+        self._dirty = True
+
+    def record(self, uid: str, when: float | None = None) -> None:
+        """Record ``uid`` as delivered (at ``when``, default now), in memory:
+        durable after :meth:`commit` (or, after a crash, through its intent).
+        A UID already present keeps its first time."""
+        self._check_open()
+        if not uid:
+            raise ValueError("empty UID")
+        if uid not in self._entries:
+            self._entries[uid] = float(int(time.time() if when is None else when))
+            self._dirty = True
+
+    def commit(self) -> None:
+        """Make every :meth:`record` durable and drop the intent lines: the
+        store is rewritten (temporary file, fsync, rename, fsync of the
+        directory). Does nothing when nothing changed. Raises ``UidStoreError``."""
+        self._check_open()
+        if not self._dirty:
+            return
         try:
-            _write_all(self._fd, line)
+            self._rewrite()
+            self._open_append()
+        except OSError as exc:
+            raise UidStoreError(f"UID store {self.path}: {exc.strerror or exc}") from exc
+        self._dirty = False
+
+    def _append(self, data: bytes) -> None:
+        try:
+            _write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError as exc:
             # A partial line may be on disk: drop it now so the next append
@@ -228,7 +314,6 @@ class UidStore:
                 self._rewrite()
                 self._open_append()
             raise UidStoreError(f"UID store {self.path}: {exc.strerror or exc}") from exc
-        self._entries[uid] = float(stamp)
 
     def prune(self, keep: Iterable[str]) -> int:
         """Forget every UID not in ``keep`` (the messages still on the server),
@@ -245,6 +330,7 @@ class UidStore:
             self._open_append()
         except OSError as exc:
             raise UidStoreError(f"UID store {self.path}: {exc.strerror or exc}") from exc
+        self._dirty = False
         return len(dropped)
 
     def close(self) -> None:
@@ -311,20 +397,65 @@ class UidStore:
             if first != HEADER:
                 raise UidStoreError(f"UID store {self.path}: not a pop3proto UID store")
             number = 1
+            torn = False
             while True:
                 line = fh.readline(MAX_LINE + 1)
                 if not line:
-                    return False
+                    break
                 number += 1
                 if number > MAX_LINES:
                     raise UidStoreError(f"UID store {self.path}: more than {MAX_LINES} lines")
                 if not line.endswith(b"\n"):
                     if len(line) > MAX_LINE:
                         raise UidStoreError(f"UID store {self.path}: line {number} is too long")
-                    return True  # a torn final append: the UID was never durable
+                    torn = True  # a torn final append: the UID was never durable
+                    break
                 self._parse_line(line[:-1], number)
+        if self._intents:
+            self._resolve_intents()
+            return True
+        return torn
+
+    def _resolve_intents(self) -> None:
+        """Record the UID of every intent whose message reached ``new/`` or
+        ``cur/`` (a fetch was killed after delivering it); forget the rest."""
+        pending = {uid: name for uid, name in self._intents.items() if uid not in self._entries}
+        self._intents.clear()
+        if not pending or self.maildir is None:
+            return
+        found: dict[str, float] = {}
+        left: dict[str, str] = {}
+        for uid, name in pending.items():
+            try:
+                found[uid] = os.stat(os.path.join(self.maildir, "new", name)).st_mtime
+            except OSError:
+                left[uid] = name
+        if left:
+            cur = os.path.join(self.maildir, "cur")
+            try:
+                entries = os.listdir(cur)
+            except OSError:
+                entries = []
+            wanted = {name: uid for uid, name in left.items()}
+            for entry in entries:
+                base = re.split(r"[:!]", entry, maxsplit=1)[0]
+                hit = wanted.get(base)
+                if hit is not None:
+                    with contextlib.suppress(OSError):
+                        found[hit] = os.stat(os.path.join(cur, entry)).st_mtime
+        for uid, when in found.items():
+            self._entries.setdefault(uid, float(int(when)))
 
     def _parse_line(self, line: bytes, number: int) -> None:
+        if line.startswith(b"? "):
+            name, sep, text = line[2:].partition(b" ")
+            try:
+                if not sep or not _MAILDIR_NAME.fullmatch(name):
+                    raise ValueError("bad name")
+                self._intents[unescape(text.decode("ascii"))] = name.decode("ascii")
+            except (ValueError, UnicodeDecodeError):
+                raise UidStoreError(f"UID store {self.path}: line {number} is malformed") from None
+            return
         stamp, sep, text = line.partition(b" ")
         try:
             if not sep or not stamp.isdigit() or len(stamp) > 12:

@@ -23,7 +23,8 @@ Points (the server's deletion step, then the fetcher's per-message steps)::
     write-after                     a write into tmp/
     fsync-file-after                fsync of the file in tmp/
     link-after                      link (or rename) into new/
-    record-after                    the UID recorded in the store
+    intent-after                    the intents of a batch written to the UID store
+    record-after                    the UIDs committed to the store
     dele-after                      every DELE answered, QUIT not sent
     quit-after                      QUIT answered
 
@@ -149,19 +150,24 @@ def install(points: _Points) -> None:
 
     real_begin = cli._Delivery.begin
 
-    def begin(self: Any) -> Any:
+    def begin(self: Any, *args: Any, **kw: Any) -> Any:
         points.hit("retr")
-        return real_begin(self)
+        return real_begin(self, *args, **kw)
 
     cli._Delivery.begin = begin  # type: ignore[method-assign,unused-ignore]
 
-    real_add = uidstore.UidStore.add
+    real_intend, real_commit_uids = uidstore.UidStore.intend, uidstore.UidStore.commit
 
-    def add(self: Any, uid: str, when: float | None = None) -> None:
-        real_add(self, uid, when)
+    def intend(self: Any, pairs: Any) -> None:
+        real_intend(self, pairs)
+        points.hit("intent-after")
+
+    def commit_uids(self: Any) -> None:
+        real_commit_uids(self)
         points.hit("record-after")
 
-    uidstore.UidStore.add = add  # type: ignore[method-assign,unused-ignore]
+    uidstore.UidStore.intend = intend  # type: ignore[method-assign,unused-ignore]
+    uidstore.UidStore.commit = commit_uids  # type: ignore[method-assign,unused-ignore]
 
     real_delete = cli._delete
 
@@ -489,7 +495,8 @@ def fetch_points(workdir: Path, count: int) -> list[str]:
     ):
         proc.wait(60)
         assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
-    names = ("retr", "write-", "fsync-file-", "link-", "dirsync-after", "record-", "dele-", "quit-")
+    names = ("intent-", "retr", "write-", "fsync-file-", "link-", "dirsync-after", "record-")
+    names += ("dele-", "quit-")
     return [p for p in log.read_text().split() if p.startswith(names)]
 
 

@@ -290,7 +290,8 @@ COVERED: dict[int, list[str]] = {
         "tests/test_maildrop.py::test_uid_stable_across_move_to_cur_and_flag_changes",
     ],
     56: [
-        "tests/test_cli.py::test_fetch_killed_between_link_and_record_fetches_one_twice_at_most",
+        "tests/test_cli.py::test_fetch_killed_before_its_uids_are_committed_fetches_nothing_twice",
+        "tests/test_uidstore.py::test_intents_are_resolved_against_the_maildir",
         "tests/test_faults.py::test_case_56_fetch_killed_at_every_step",
     ],
     57: [
@@ -298,7 +299,10 @@ COVERED: dict[int, list[str]] = {
         "tests/test_faults.py::test_case_57_disk_errors_stop_before_any_dele",
         "tests/test_faults.py::test_case_57_real_full_file_system",
     ],
-    58: ["tests/test_uidstore.py::test_add_fsyncs_before_returning"],
+    58: [
+        "tests/test_uidstore.py::test_add_fsyncs_before_returning",
+        "tests/test_uidstore.py::test_record_is_durable_after_commit_with_one_rename",
+    ],
 }
 
 #: Cases that cannot be proven by an automated test here, with the reason.
@@ -1137,7 +1141,8 @@ def test_case_50_huge_maildrop_stat_fast_and_big_message_streams(
 
 def test_case_58_fetch_durability_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per message: write to tmp/, fsync the file, link into new/, fsync
-    new/, record the UID (write + fsync); every DELE after the last record."""
+    new/, record the UID (the store rewritten: write + fsync + rename); every
+    DELE after the last record."""
     from pop3proto.bindings import _sync_client
 
     messages = [b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(4)]
@@ -1222,3 +1227,5 @@ def test_case_58_fetch_durability_order(tmp_path: Path, monkeypatch: pytest.Monk
         new_sync = next(i for i in range(ln[0], len(trace)) if trace[i][0] == "fsync-new")
         record = next(i for i in range(new_sync, len(trace)) if trace[i][0] == "store-fsync")
         assert trace[record - 1][0] == "store-write" and record < first_dele
+        renamed = next(i for i in range(record, len(trace)) if trace[i][0] == "rename")
+        assert renamed < first_dele

@@ -154,6 +154,72 @@ def test_prune_rewrites_atomically(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def _maildir(root: Path) -> Path:
+    for sub in ("tmp", "new", "cur"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def test_intents_are_resolved_against_the_maildir(tmp_path: Path) -> None:
+    """A fetch killed after delivering but before committing leaves intents:
+    the next open records exactly the messages that reached new/ or cur/."""
+    md = _maildir(tmp_path / "md")
+    with UidStore(md / STORE_DIR, "acct", maildir=md) as store:
+        store.add("old", when=5)
+        store.intend([("in-new", "1.M1P1Q1R1.host"), ("in-cur", "1.M1P1Q2R1.host")])
+        store.intend([("lost", "1.M1P1Q3R1.host"), ("old", "1.M1P1Q4R1.host")])
+        store.record("in-new")  # recorded in memory only: never committed
+        (md / "new" / "1.M1P1Q1R1.host").write_bytes(b"a")
+        (md / "cur" / "1.M1P1Q2R1.host:2,S").write_bytes(b"b")
+        (md / "tmp" / "1.M1P1Q3R1.host").write_bytes(b"c")  # never linked
+        text = (md / STORE_DIR / "acct").read_bytes()
+        assert text.count(b"\n? ") == 3  # "old" was recorded already: no intent
+    with UidStore(md / STORE_DIR, "acct", maildir=md) as again:
+        assert set(again) == {"old", "in-new", "in-cur"}
+        assert again.delivered_at("old") == 5
+    # resolved once, then rewritten without intents
+    assert b"? " not in (md / STORE_DIR / "acct").read_bytes()
+
+
+def test_intents_without_a_maildir_are_dropped(tmp_path: Path) -> None:
+    md = _maildir(tmp_path / "md")
+    (md / "new" / "n1").write_bytes(b"a")
+    with UidStore(tmp_path / "s", "acct") as store:
+        store.intend([("u", "n1")])
+    with UidStore(tmp_path / "s", "acct") as again:
+        assert set(again) == set()  # fetched again: never lost
+
+
+def test_record_is_durable_after_commit_with_one_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    md = _maildir(tmp_path / "md")
+    synced: list[int] = []
+    real = os.fsync
+    with UidStore(md / STORE_DIR, "acct", maildir=md) as store:
+        monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+        store.intend([(f"u{i}", f"name{i}") for i in range(50)])
+        assert len(synced) == 1  # one fsync for the whole batch of intents
+        for i in range(50):
+            store.record(f"u{i}", when=i)
+        assert synced == synced[:1]  # record() alone writes nothing
+        inode = os.stat(store.path).st_ino
+        store.commit()
+        assert os.stat(store.path).st_ino != inode  # rewritten, renamed over
+        assert len(synced) == 3  # the new file and the directory
+        store.commit()
+        assert len(synced) == 3  # nothing changed: nothing written
+    assert (md / STORE_DIR / "acct").read_bytes() == HEADER + b"".join(
+        f"{i} u{i}\n".encode() for i in range(50)
+    )
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "a:2,S", "a!2,", "a b", "caf\u00e9"])
+def test_intent_names_must_be_maildir_names(tmp_path: Path, name: str) -> None:
+    with UidStore(tmp_path, "acct") as store, pytest.raises(ValueError):
+        store.intend([("u", name)])
+
+
 def test_failed_append_leaves_a_readable_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,6 +292,9 @@ def test_every_truncation_loads_the_complete_lines(tmp_path: Path) -> None:
         (HEADER + b"100 %zz\n", "line 2"),
         (HEADER + b"1000000000000000 a\n", "line 2"),
         (HEADER + b"100 \n", "line 2"),
+        (HEADER + b"? a/b u\n", "line 2"),
+        (HEADER + b"? name\n", "line 2"),
+        (HEADER + b"? name %zz\n", "line 2"),
     ],
 )
 def test_malformed_stores_are_refused(tmp_path: Path, body: bytes, match: str) -> None:

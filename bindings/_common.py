@@ -4,24 +4,27 @@ requests, TLS facts for SASL, and address helpers. No socket code here."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import ipaddress
 import socket
-import ssl
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pop3proto import MaildropFailure, Pop3TimeoutError, TLSInfo
 from pop3proto import _requests as rq
-from pop3proto._auth import Authenticator
 from pop3proto._client import ClientSession
 from pop3proto._events import Greeting
 from pop3proto._state import State
 
-from .maildrop import Maildrop, MaildropError, MaildropLocked, MaildropSession
-
 if TYPE_CHECKING:
+    import ssl
+
+    from pop3proto._auth import Authenticator
     from pop3proto._server import ServerConfig
+
+    from .maildrop import Maildrop, MaildropSession
+
+# A client session needs neither ssl (unless it uses TLS), the maildrops nor
+# ipaddress: they are imported where used, which keeps ``pop3proto fetch``'s
+# start-up short.
 
 __all__ = [
     "POP3S_PORT",
@@ -47,6 +50,8 @@ CHUNK = 64 * 1024
 
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8 and ::1 (where plaintext logins may be allowed)."""
+    import ipaddress
+
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
@@ -78,6 +83,8 @@ class MaildropRunner:
         return isinstance(request, (rq.OpenMaildrop, rq.OpenMessage, rq.Commit))
 
     def run(self, request: rq.Request) -> Any:
+        from .maildrop import MaildropError, MaildropLocked
+
         if isinstance(request, rq.OpenMaildrop):
             try:
                 self.session = self.maildrop.open(request.user)
@@ -201,6 +208,8 @@ def server_end_point(der_certificate: bytes) -> bytes:
         name = _signature_hash(der_certificate)
     except ValueError:
         name = "sha256"
+    import hashlib
+
     return hashlib.new(name, der_certificate).digest()
 
 
@@ -215,6 +224,8 @@ def tls_info(
     ``ssl`` does not expose ``tls-exporter``) and the verified client
     certificate's identity for EXTERNAL (its first subject commonName).
     A server passes its own certificate (DER) as ``server_cert``."""
+    import ssl
+
     bindings: dict[str, bytes] = {}
     own_or_peer = server_cert if server_side else sslobj.getpeercert(binary_form=True)
     if own_or_peer:
@@ -251,6 +262,8 @@ def server_certificate_der(certfile: str) -> bytes | None:
     end = pem.find("-----END CERTIFICATE-----", start)
     if start < 0 or end < 0:
         return None
+    import ssl
+
     return ssl.PEM_cert_to_DER_cert(pem[start : end + len("-----END CERTIFICATE-----")])
 
 
@@ -377,6 +390,8 @@ class ConnectPlan:
         self.port = port if port is not None else (POP3S_PORT if self.implicit else POP3_PORT)
         self.context = ssl_context
         if self.context is None and (self.implicit or starttls):
+            import ssl
+
             self.context = ssl.create_default_context()
         self._timeout = timeout if connect_timeout is None else connect_timeout
         self._budget = operation_timeout

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
+import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Protocol, TypeGuard, TypeVar, overload
 
 from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
 from pop3proto._events import Capabilities, Greeting
@@ -57,6 +57,9 @@ from pop3proto._requests import (
 )
 
 from ._common import POP3_PORT, POP3S_PORT, ClientBase, ConnectPlan, server_end_point, tls_info
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "POP3S_PORT",
@@ -85,9 +88,18 @@ class _Writable(Protocol):
 # ------------------------------------------------------------------ channel binding
 
 
+def _is_tls(sock: socket.socket) -> TypeGuard[ssl.SSLSocket]:
+    """``sock`` is an ``ssl.SSLSocket`` (which it cannot be while the ``ssl``
+    module was never imported: a plaintext session does not load it)."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+
+
 def _handshake(
     sock: socket.socket, context: ssl.SSLContext, host: str, timeout: float | None
 ) -> ssl.SSLSocket:
+    import ssl
+
     sock.settimeout(timeout)
     try:
         return context.wrap_socket(sock, server_hostname=host)
@@ -138,7 +150,7 @@ class Client(ClientBase):
         self.timeout = timeout
         self.operation_timeout = operation_timeout
         self._ssl_context = ssl_context
-        tls = isinstance(sock, ssl.SSLSocket)
+        tls = _is_tls(sock)
         self._session = ClientSession(
             tls_active=tls,
             starttls=starttls,
@@ -147,7 +159,7 @@ class Client(ClientBase):
             command_timeout=timeout,
             greeting_timeout=timeout if greeting_timeout is None else greeting_timeout,
             min_transfer_rate=min_transfer_rate,
-            tls_info=tls_info_for(sock) if isinstance(sock, ssl.SSLSocket) else None,
+            tls_info=tls_info_for(sock) if _is_tls(sock) else None,
             capa=capa,
             host=host,
             port=port,
@@ -270,12 +282,14 @@ class Client(ClientBase):
             return self._late(whole)
         except ConnectionResetError:
             return b""
-        if n and isinstance(sock, ssl.SSLSocket):
+        if n and _is_tls(sock):
             # One TLS record per read: gather what is already here.
             n = self._gather_tls(sock, n)
         return self._view[:n]
 
     def _gather_tls(self, sock: ssl.SSLSocket, n: int) -> int:
+        import ssl
+
         sock.settimeout(0.0)
         view = self._view
         try:
@@ -309,6 +323,8 @@ class Client(ClientBase):
     def _starttls(self, deadline: float | None) -> TLSInfo:
         wait, _ = self._wait(self.timeout, deadline)
         self._clock = time.monotonic()
+        import ssl
+
         context = self._ssl_context or ssl.create_default_context()
         tls = _handshake(self.sock, context, self.host, wait)
         self.sock = tls

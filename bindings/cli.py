@@ -52,7 +52,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
@@ -183,6 +182,8 @@ _URL_MAX = 2048
 def _pct_decode(text: str, what: str) -> str:
     if re.search(r"%(?![0-9A-Fa-f]{2})", text):
         raise UsageError(f"bad %-escape in the URL's {what}")
+    from urllib.parse import unquote_to_bytes
+
     try:
         value = unquote_to_bytes(text).decode("utf-8")
     except UnicodeDecodeError:

@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import time
@@ -149,6 +148,8 @@ def account_key(host: str, port: int, user: str) -> str:
     if key.startswith("."):
         key = "%2E" + key[1:]
     if len(key) > _MAX_KEY:
+        import hashlib
+
         digest = hashlib.sha256(key.encode("ascii")).hexdigest()[:32]
         key = f"{key[:_MAX_KEY]}~{digest}"
     return key

@@ -44,12 +44,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Generator, Iterable
-from typing import TypeVar, overload
+from typing import TYPE_CHECKING, TypeVar, overload
 
 import attrs
 
 from . import _events as ev
-from ._auth import choose_client_mechanism, client_may_use_apop
+from ._codec import SaslError, b64encode
 from ._connection import CLIENT, Connection
 from ._limits import Limits
 from ._requests import (
@@ -64,15 +64,14 @@ from ._requests import (
     TLSInfo,
 )
 from ._requests import StartTLS as StartTLSRequest
-from ._sasl import (
-    ClientMechanism,
-    SaslError,
-    apop_digest,
-    b64encode,
-    client_mechanism,
-)
 from ._state import State
 from ._util import NEED_DATA, PAUSED, LocalProtocolError, RemoteProtocolError, sanitize
+
+if TYPE_CHECKING:
+    from ._sasl import ClientMechanism
+
+# The SASL mechanisms (hashing, JSON, stringprep) and the mechanism policy are
+# imported when a login first needs them: USER/PASS never does.
 
 __all__ = [
     "CapaClosedError",
@@ -570,6 +569,8 @@ class ClientSession:
             else:
                 yield from self._sasl(name, user, password, token, authzid, offered)
             return
+        from ._auth import choose_client_mechanism, client_may_use_apop
+
         name_or_none = choose_client_mechanism(
             offered,
             have_password=password is not None,
@@ -605,6 +606,9 @@ class ClientSession:
     def _apop(self, user: str, password: str | None, explicit: bool) -> Driver[None]:
         if password is None:
             raise ValueError("APOP needs a password")
+        from ._auth import client_may_use_apop
+        from ._sasl import apop_digest
+
         stamp = self._apop_timestamp
         if stamp is None:
             raise Pop3Error(
@@ -634,6 +638,7 @@ class ClientSession:
         base = name.removesuffix("-PLUS")
         plus_offered = base.startswith("SCRAM-") and f"{base}-PLUS" in offered
         cb = self._channel_binding() if base.startswith("SCRAM-") else None
+        from ._sasl import client_mechanism
 
         def make() -> ClientMechanism:
             return client_mechanism(

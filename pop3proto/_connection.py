@@ -13,9 +13,9 @@ from typing import Union
 
 from . import _core, _wire
 from . import _events as ev
+from ._codec import apop_timestamp, b64decode_strict, b64encode
 from ._limits import Limits
 from ._receivebuffer import ReceiveBuffer
-from ._sasl import apop_timestamp, b64decode_strict, b64encode
 from ._state import BARRIERS, SessionState, State
 from ._util import (
     NEED_DATA,

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
+from ._util import FieldValue
+
 __all__ = [
     "Apop",
     "Auth",
@@ -60,7 +62,7 @@ __all__ = [
 ]
 
 
-class Event:
+class Event(FieldValue):
     """Base class of every event."""
 
     __slots__ = ()
@@ -99,8 +101,8 @@ def _names(value: Iterable[str]) -> tuple[str, ...]:
 # ---------------------------------------------------------------- response codes
 
 
-@attrs.frozen
-class ResponseCode:
+@attrs.frozen(eq=False, repr=False)
+class ResponseCode(FieldValue):
     """An extended response code (RFC 2449 §8, RFC 3206): ``[SYS/TEMP]`` is
     ``ResponseCode(("SYS", "TEMP"))``. Levels are upper-case; ``argument`` holds
     any text after a space inside the brackets (not in the RFCs, seen in the wild).
@@ -130,7 +132,7 @@ class ResponseCode:
 # ---------------------------------------------------------------- commands
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class User(Command):
     """``USER name`` (RFC 1939 §7)."""
 
@@ -138,7 +140,7 @@ class User(Command):
     keyword = "USER"
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(eq=False, repr=False)
 class Pass(Command):
     """``PASS password``; the password is the raw rest of the line (RFC 1939 §7)."""
 
@@ -149,7 +151,7 @@ class Pass(Command):
         return "Pass(password=<hidden>)"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Apop(Command):
     """``APOP name digest`` (RFC 1939 §7)."""
 
@@ -158,7 +160,7 @@ class Apop(Command):
     keyword = "APOP"
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(eq=False, repr=False)
 class Auth(Command):
     """``AUTH mechanism [initial-response]`` (RFC 5034). ``initial_response`` is
     the decoded payload: ``None`` sends none, ``b""`` sends ``=``. An empty
@@ -173,7 +175,7 @@ class Auth(Command):
         return f"Auth(mechanism={self.mechanism!r}, initial_response={ir})"
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(eq=False, repr=False)
 class AuthResponse(Command):
     """A client's answer to an ``AuthChallenge`` (decoded payload)."""
 
@@ -184,35 +186,35 @@ class AuthResponse(Command):
         return f"AuthResponse(<{len(self.data)} octets>)"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class AuthCancel(Command):
     """``*``: the client cancels the SASL exchange."""
 
     keyword = ""
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Stls(Command):
     """``STLS`` (RFC 2595 §4)."""
 
     keyword = "STLS"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Capa(Command):
     """``CAPA`` (RFC 2449 §5)."""
 
     keyword = "CAPA"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Stat(Command):
     """``STAT``."""
 
     keyword = "STAT"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class List(Command):
     """``LIST [msg]``."""
 
@@ -220,7 +222,7 @@ class List(Command):
     keyword = "LIST"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Uidl(Command):
     """``UIDL [msg]``."""
 
@@ -228,7 +230,7 @@ class Uidl(Command):
     keyword = "UIDL"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Retr(Command):
     """``RETR msg``."""
 
@@ -236,7 +238,7 @@ class Retr(Command):
     keyword = "RETR"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Top(Command):
     """``TOP msg lines``."""
 
@@ -245,7 +247,7 @@ class Top(Command):
     keyword = "TOP"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Dele(Command):
     """``DELE msg``."""
 
@@ -253,35 +255,35 @@ class Dele(Command):
     keyword = "DELE"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Noop(Command):
     """``NOOP``."""
 
     keyword = "NOOP"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Rset(Command):
     """``RSET``."""
 
     keyword = "RSET"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Quit(Command):
     """``QUIT``."""
 
     keyword = "QUIT"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Utf8(Command):
     """``UTF8`` (RFC 6856 §2)."""
 
     keyword = "UTF8"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Lang(Command):
     """``LANG [tag]`` (RFC 6856 §3)."""
 
@@ -289,7 +291,7 @@ class Lang(Command):
     keyword = "LANG"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class ExtensionCommand(Command):
     """Any other command (``LAST``, ``*ENV``, ``XTND`` …). ``multiline`` says
     whether a ``+OK`` to it is followed by data lines, which arrive as
@@ -300,7 +302,7 @@ class ExtensionCommand(Command):
     multiline: bool = False
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class InvalidCommand(Command):
     """A command line the server engine could not accept: unknown, malformed,
     or not allowed in the current state. Recoverable: answer it with ``Err``.
@@ -314,7 +316,7 @@ class InvalidCommand(Command):
 # ---------------------------------------------------------------- replies
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Greeting(Reply):
     """The server's greeting. ``timestamp`` is the APOP ``<…>`` timestamp when
     the greeting offers one (it is sent after the text)."""
@@ -324,7 +326,7 @@ class Greeting(Reply):
     code: ResponseCode | None = None
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Ok(Reply):
     """A single-line ``+OK``."""
 
@@ -332,7 +334,7 @@ class Ok(Reply):
     code: ResponseCode | None = None
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Err(Reply):
     """``-ERR``: always a single line."""
 
@@ -340,7 +342,7 @@ class Err(Reply):
     code: ResponseCode | None = None
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(eq=False, repr=False)
 class AuthChallenge(Reply):
     """``+ base64``: a SASL challenge (decoded payload)."""
 
@@ -350,7 +352,7 @@ class AuthChallenge(Reply):
         return f"AuthChallenge(<{len(self.data)} octets>)"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class MalformedChallenge(Reply):
     """A SASL challenge line that is not valid base64. RFC 5034 §4: the client
     must cancel the exchange (send ``AuthCancel``)."""
@@ -358,7 +360,7 @@ class MalformedChallenge(Reply):
     reason: str
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class DropListing(Reply):
     """The reply to ``STAT``."""
 
@@ -366,7 +368,7 @@ class DropListing(Reply):
     size: int
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class ScanListing(Reply):
     """The reply to ``LIST msg``."""
 
@@ -374,14 +376,14 @@ class ScanListing(Reply):
     size: int
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class ScanListings(Reply):
     """The reply to ``LIST``: ``(msg, size)`` pairs."""
 
     entries: tuple[tuple[int, int], ...] = attrs.field(converter=_scan_entries)
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class UniqueIdListing(Reply):
     """The reply to ``UIDL msg``."""
 
@@ -389,21 +391,21 @@ class UniqueIdListing(Reply):
     uid: str
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class UniqueIdListings(Reply):
     """The reply to ``UIDL``: ``(msg, uid)`` pairs."""
 
     entries: tuple[tuple[int, str], ...] = attrs.field(converter=_uid_entries)
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class LanguageListing(Reply):
     """The reply to a bare ``LANG``: ``(tag, description)`` pairs."""
 
     entries: tuple[tuple[str, str], ...] = attrs.field(converter=_lang_entries)
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class MechanismListing(Reply):
     """The reply to a legacy bare ``AUTH``: the mechanism names."""
 
@@ -417,7 +419,7 @@ def _capa_items(
     return tuple((tag.upper(), tuple(params)) for tag, params in pairs)
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Capabilities(Reply, Mapping[str, tuple[str, ...]]):
     """The reply to ``CAPA``: a mapping from upper-case tag to the tuple of its
     parameters, with case-insensitive lookups (``"pipelining" in caps``).
@@ -515,7 +517,7 @@ class Capabilities(Reply, Mapping[str, tuple[str, ...]]):
         return "LANG" in self
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class MessageStart(Reply):
     """The ``+OK`` line of a RETR/TOP (or multi-line extension) reply; the
     content follows as ``Data`` events, then ``EndOfMessage``."""
@@ -524,7 +526,7 @@ class MessageStart(Reply):
     code: ResponseCode | None = None
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(eq=False, repr=False)
 class Data(Reply):
     """A piece of message content: un-stuffed when received, line ends as sent;
     raw content when sent (the engine stuffs it and turns line ends into CRLF)."""
@@ -535,17 +537,17 @@ class Data(Reply):
         return f"Data(<{len(self.data)} octets>)"
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class EndOfMessage(Reply):
     """The end of a multi-line message reply."""
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class StartTLS(Event):
     """STLS was accepted: the binding must now run the TLS handshake and then
     call ``Connection.tls_established()``. Nothing else happens until then."""
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class ConnectionClosed(Event):
     """The peer closed the connection (end of stream)."""

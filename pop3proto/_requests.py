@@ -44,7 +44,7 @@ from collections.abc import Mapping
 import attrs
 
 from ._events import ResponseCode
-from ._util import sanitize
+from ._util import FieldValue, sanitize
 
 __all__ = [
     "TIMED_OUT",
@@ -65,48 +65,48 @@ __all__ = [
 ]
 
 
-class Request:
+class Request(FieldValue):
     """Base class of the requests a driver yields."""
 
     __slots__ = ()
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Send(Request):
     data: bytes
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Receive(Request):
     timeout: float | None = None
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class StartTLS(Request):
     pass
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Sleep(Request):
     seconds: float
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class OpenMaildrop(Request):
     user: str
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class OpenMessage(Request):
     index: int
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Commit(Request):
     indexes: tuple[int, ...]
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class Deliver(Request):
     data: bytes
 
@@ -119,8 +119,8 @@ class _TimedOut(enum.Enum):
 TIMED_OUT = _TimedOut.TIMED_OUT
 
 
-@attrs.frozen
-class TLSInfo:
+@attrs.frozen(eq=False, repr=False)
+class TLSInfo(FieldValue):
     """What the binding learnt from a finished TLS handshake.
 
     ``channel_bindings`` maps a channel-binding type (``tls-exporter``,
@@ -132,8 +132,8 @@ class TLSInfo:
     peer_identity: str | None = None
 
 
-@attrs.frozen
-class MaildropFailure:
+@attrs.frozen(eq=False, repr=False)
+class MaildropFailure(FieldValue):
     """Opening a maildrop failed: ``in_use`` when another session holds its
     lock (answered ``-ERR [IN-USE]``), otherwise a system problem
     (``-ERR [SYS/TEMP]``)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -30,6 +29,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 import attrs
+
+from ._codec import SaslError, apop_timestamp, b64decode_strict, b64encode
 
 if TYPE_CHECKING:
     from ._auth import Authenticator
@@ -94,13 +95,6 @@ __all__ = [
 ]
 
 
-class SaslError(ValueError):
-    """A SASL exchange cannot go on: bad local input, or an invalid message from the peer.
-
-    The text never contains secrets or peer-supplied data.
-    """
-
-
 # --------------------------------------------------------------------------------------
 # Limits and constants
 # --------------------------------------------------------------------------------------
@@ -133,38 +127,6 @@ ChannelBinding = tuple[str, bytes]
 # --------------------------------------------------------------------------------------
 # Base64 (RFC 4648 §4, padded, strict)
 # --------------------------------------------------------------------------------------
-
-_B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-
-def b64encode(data: bytes) -> bytes:
-    """Standard padded base64 of *data*, no line breaks."""
-    return base64.b64encode(bytes(data))
-
-
-def b64decode_strict(data: bytes) -> bytes:
-    """Decode canonical padded base64, or raise :class:`SaslError`.
-
-    Rejects any character outside the RFC 4648 alphabet, an ``=`` that is not trailing
-    padding (``=AAA``, ``AAA=BBB=``), more than two ``=``, a length that is not a multiple
-    of four, and non-zero padding bits. ``b""`` decodes to ``b""``. Linear time.
-    """
-    data = bytes(data)
-    if len(data) % 4:
-        raise SaslError("invalid base64: length is not a multiple of 4")
-    body = data.rstrip(b"=")
-    if len(data) - len(body) > 2:
-        raise SaslError("invalid base64: too much padding")
-    if body.translate(None, _B64_ALPHABET):
-        raise SaslError("invalid base64: character outside the alphabet")
-    try:
-        decoded = binascii.a2b_base64(data)
-    except binascii.Error:
-        raise SaslError("invalid base64") from None
-    # Only the canonical encoding is accepted (RFC 4648 §3.5: pad bits must be zero).
-    if base64.b64encode(decoded) != data:
-        raise SaslError("invalid base64: non-canonical encoding")
-    return decoded
 
 
 # --------------------------------------------------------------------------------------
@@ -318,36 +280,6 @@ def apop_digest(timestamp: bytes, secret: str) -> str:
     followed by the secret as UTF-8 (prepared with :func:`normalize_secret`)."""
     data = bytes(timestamp) + normalize_secret(secret).encode("utf-8")
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
-def _msg_id_shaped(candidate: bytes) -> bool:
-    # "<" local "@" domain ">", printable ASCII without SP, "<" or ">" inside, one "@".
-    inner = candidate[1:-1]
-    if not (candidate.startswith(b"<") and candidate.endswith(b">")) or not inner:
-        return False
-    if not all(0x21 <= b <= 0x7E for b in inner) or b"<" in inner or b">" in inner:
-        return False
-    local, at, domain = inner.partition(b"@")
-    return bool(at) and bool(local) and bool(domain) and b"@" not in domain
-
-
-def apop_timestamp(greeting_text: bytes) -> bytes | None:
-    """The APOP timestamp announced in a greeting, or ``None``.
-
-    Takes the first ``<`` and the first ``>`` after it; the result (angle brackets
-    included) is returned only when it has msg-id shape ``<local@domain>`` in printable
-    ASCII (the CVE-2007-1558 fix). Linear time on any input, no regular expression
-    (CVE-2018-1060): two ``find`` calls and one scan.
-    """
-    text = bytes(greeting_text)
-    start = text.find(b"<")
-    if start < 0:
-        return None
-    end = text.find(b">", start + 1)
-    if end < 0:
-        return None
-    candidate = text[start : end + 1]
-    return candidate if _msg_id_shaped(candidate) else None
 
 
 def make_timestamp(domain: str = "localhost") -> bytes:

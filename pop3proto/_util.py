@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class ProtocolError(Exception):
@@ -80,3 +81,34 @@ def sanitize(text: str | bytes, limit: int = 200) -> str:
     if len(text) > limit:
         out.append("...")
     return "".join(out)
+
+
+class FieldValue:
+    """Equality, hashing and ``repr`` from the attrs fields of the subclass.
+
+    The engine's records are ``@attrs.frozen(eq=False, repr=False)`` classes
+    deriving from this: they behave exactly like attrs' generated methods
+    (equal only to an instance of the very same class with equal fields;
+    hashed on the fields; ``Name(field=value, ...)``), but one implementation
+    serves every class instead of three methods generated and compiled for
+    each, which was most of the package's import time."""
+
+    __slots__ = ()
+    __attrs_attrs__: Any
+
+    def _field_values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, a.name) for a in self.__attrs_attrs__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._field_values() == other._field_values()
+
+    def __hash__(self) -> int:
+        return hash((self.__class__, *self._field_values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{a.name}={getattr(self, a.name)!r}" for a in self.__attrs_attrs__ if a.repr
+        )
+        return f"{self.__class__.__qualname__}({fields})"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 
 from . import _events as ev
+from ._codec import b64decode_strict, b64encode
 from ._purecore import MAX_UID
-from ._sasl import b64decode_strict, b64encode
 from ._util import LocalProtocolError, decode_text, encode_text
 
 #: RFC 1939 §3 / RFC 2449 §4: a response's first line is at most 512

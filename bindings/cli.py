@@ -2168,20 +2168,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every subcommand."""
-    from pop3proto import __version__
-
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="POP3 server, fetcher and load generator built on the pop3proto engine.",
-        epilog="Exit codes: 0 ok, 1 partial/failed, 2 usage, 3 auth failed, "
-        "4 connection/TLS failed.",
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _parser_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="run a POP3 server",
@@ -2259,6 +2246,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_serve)
 
+
+def _parser_fetch(sub: Any) -> None:
     p = sub.add_parser(
         "fetch",
         help="download a maildrop into a Maildir, safely",
@@ -2322,6 +2311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no summary unless something failed")
     p.set_defaults(func=_cmd_fetch)
 
+
+def _parser_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="load-test a POP3 server (loopback unless --allow-remote)",
@@ -2381,6 +2372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop exists")
     p.set_defaults(func=_cmd_bench)
 
+
+def _parser_passwd(sub: Any) -> None:
     p = sub.add_parser(
         "passwd",
         help="set a user's password in a credential file",
@@ -2398,6 +2391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=4096, help="PBKDF2 iterations (>= 4096)")
     p.set_defaults(func=_cmd_passwd)
 
+
+def _parser_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="serve, fetch and bench in-process in a few seconds")
     p.add_argument("--maildir", metavar="DIR", help="keep the fetched mail in DIR")
     p.add_argument(
@@ -2409,12 +2404,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop exists")
     p.set_defaults(func=_cmd_demo)
+
+
+_SUBCOMMANDS = {
+    "serve": _parser_serve,
+    "fetch": _parser_fetch,
+    "bench": _parser_bench,
+    "passwd": _parser_passwd,
+    "demo": _parser_demo,
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser for every subcommand (``only``: for that one alone,
+    which is all a run of it needs and spares building the others)."""
+    from pop3proto import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="POP3 server, fetcher and load generator built on the pop3proto engine.",
+        epilog="Exit codes: 0 ok, 1 partial/failed, 2 usage, 3 auth failed, "
+        "4 connection/TLS failed.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    for name, add in _SUBCOMMANDS.items():
+        if only is None or name == only:
+            add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (never calls ``sys.exit``)."""
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    only = command if command in _SUBCOMMANDS else None
+    if command is None and "--version" in words and not {"-h", "--help"} & set(words):
+        only = ""  # the top-level parser alone answers --version
+    parser = build_parser(only)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error

@@ -100,11 +100,15 @@ class MaildropRunner:
             except MaildropError:
                 return None  # removed behind our back: the driver answers -ERR
         if isinstance(request, rq.Commit):
+            # UPDATE: remove, then release the lock before the +OK is sent.
             messages = self.session.messages
             try:
-                self.session.commit(messages[i].key for i in request.indexes)
+                if request.indexes:
+                    self.session.commit(messages[i].key for i in request.indexes)
             except MaildropError:
                 return False
+            finally:
+                self.close()
             return True
         raise TypeError(f"not a maildrop request: {request!r}")
 

@@ -369,7 +369,11 @@ class _ServerConnection(_Pipe):
         # message: short local work, done inline (a hop through the thread
         # pool cost more than the work itself). A commit unlinks and fsyncs,
         # which can stall on a busy disk: that goes to a worker thread.
-        if isinstance(runner.maildrop, MemoryMaildrop) or not isinstance(request, rq.Commit):
+        if (
+            isinstance(runner.maildrop, MemoryMaildrop)
+            or not isinstance(request, rq.Commit)
+            or not request.indexes  # nothing to remove: only the lock to release
+        ):
             return runner.run(request)
         job = self._loop.run_in_executor(None, runner.run, request)
         self._busy = job

@@ -29,8 +29,10 @@ Requests and what the binding sends back:
 ``OpenMessage(i)``  server: the stored bytes of message ``i`` (0-based) as an
                     iterable of chunks (raw stored form; the engine converts),
                     or None when it cannot be read (answered -ERR [SYS/TEMP])
-``Commit(idx)``     server: remove these messages (0-based); result ``True``
-                    when every removal succeeded
+``Commit(idx)``     server, after QUIT: remove these messages (0-based; none
+                    is fine) and release the maildrop's lock, before the
+                    reply goes out; result ``True`` when every removal
+                    succeeded
 ``Deliver(data)``   client: hand a piece of message content to the caller
                     (a file, an iterator); result ``None``
 ==================  ===========================================================

@@ -412,11 +412,12 @@ class _Session:
             self.summary.retrieved += 1
 
     def update(self, action: Update) -> ServerGenNone:
-        ok = True
-        if action.indexes:
-            ok = bool((yield Commit(action.indexes)))
-            if ok:
-                self.summary.deleted = len(action.indexes)
+        # Always a Commit, even with nothing to remove: it also releases the
+        # maildrop's lock, which must be free by the time the client reads
+        # +OK (a client that reconnects at once would be refused [IN-USE]).
+        ok = bool((yield Commit(action.indexes)))
+        if ok and action.indexes:
+            self.summary.deleted = len(action.indexes)
         self.summary.quit = True
         # RFC 1939 §6: +OK only when every marked message is gone.
         yield from self.reply(Mailbox.quit_reply(ok))

@@ -194,6 +194,16 @@ def test_retr_and_top_stream_stuffed_crlf() -> None:
     assert body(events).endswith(b"line three\r\n")
 
 
+def test_quit_without_deletions_still_commits_to_release_the_lock() -> None:
+    h = Harness()
+    h.login()
+    h.command(p.Stat())
+    assert h.commits == []
+    assert h.command(p.Quit()) == [p.Ok("bye")]
+    assert h.commits == [()]  # UPDATE with nothing to remove: the lock goes before +OK
+    assert h.summary is not None and h.summary.quit and h.summary.deleted == 0
+
+
 @pytest.mark.parametrize("end", ["eof", "timeout"])
 def test_hardening_51_no_deletion_without_quit(end: str) -> None:
     h = Harness()

@@ -275,3 +275,47 @@ def test_hardening_47_connection_cap() -> None:
         assert s.recv(1000).startswith(b"-ERR [SYS/TEMP]")
         a.close()
         b.close()
+
+
+class _SlowClose:
+    """A maildrop session that takes its time to close (the lock is released
+    at the end of ``close``), delegating everything else."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def close(self) -> None:
+        time.sleep(0.3)
+        self._inner.close()  # type: ignore[attr-defined]
+
+
+class _SlowCloseMaildrop:
+    def __init__(self, inner: MemoryMaildrop) -> None:
+        self.inner = inner
+
+    def open(self, user: str) -> object:
+        return _SlowClose(self.inner.open(user))
+
+
+@pytest.mark.parametrize("dele", [False, True])
+def test_lock_is_released_before_the_quit_reply(dele: bool) -> None:
+    """A client that reconnects the moment it reads +OK to QUIT is never
+    refused [IN-USE]: the lock goes with the UPDATE, before the reply, even
+    when the session's teardown is slow and nothing was deleted."""
+    store = MemoryMaildrop({"alice": [b"Subject: a\n\none\n", b"Subject: b\n\ntwo\n"]})
+    with Server(_SlowCloseMaildrop(store), config=config(), listen=("127.0.0.1", 0)) as srv:  # type: ignore[arg-type]
+        port = srv.addresses[0][1]
+        first = poplib.POP3("127.0.0.1", port, timeout=10)
+        first.user("alice")
+        first.pass_("secret")
+        if dele:
+            first.dele(1)
+        assert first.quit().startswith(b"+OK")
+        second = poplib.POP3("127.0.0.1", port, timeout=10)
+        second.user("alice")
+        assert second.pass_("secret").startswith(b"+OK")  # not -ERR [IN-USE]
+        assert second.stat()[0] == (1 if dele else 2)
+        second.quit()

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -586,6 +587,15 @@ def _serve_setup(args: argparse.Namespace) -> _ServeSetup:
     return _ServeSetup(maildrop, config, listen, tls_listen, ctx, cert_der, demo)
 
 
+def _bound(
+    addresses: Iterable[tuple[str, int, bool]], tls: bool, wanted: tuple[str, int] | None
+) -> tuple[str, int] | None:
+    """The address a listener of kind ``tls`` was actually bound to."""
+    if wanted is None:
+        return None
+    return next(((h, port) for h, port, t in addresses if t == tls), wanted)
+
+
 def _listen_lines(addresses: Iterable[tuple[str, int, bool]]) -> list[str]:
     return [
         f"{PROG}: listening on {'pop3s' if tls else 'pop3'}://{_url_host(host, port)}"
@@ -593,7 +603,7 @@ def _listen_lines(addresses: Iterable[tuple[str, int, bool]]) -> list[str]:
     ]
 
 
-def _make_server(setup: _ServeSetup, kind: str, backlog: int) -> Any:
+def _make_server(setup: _ServeSetup, kind: str, backlog: int, reuse_port: bool = False) -> Any:
     if kind == "sync":
         from ._sync_server import Server as SyncServer
 
@@ -609,6 +619,7 @@ def _make_server(setup: _ServeSetup, kind: str, backlog: int) -> Any:
             ssl_context=setup.ssl_context,
             server_certificate=setup.certificate,
             backlog=backlog,
+            reuse_port=reuse_port,
         )
     except OSError as exc:
         raise _Exit(EXIT_CONNECT, f"cannot listen: {exc.strerror or exc}") from None
@@ -672,16 +683,20 @@ def _serve_until_signal(
     _run_async(body, factory)
 
 
-def _run_workers(count: int, run_one: Callable[[], None]) -> int:
-    """Pre-fork: ``count`` child processes each run ``run_one`` on the
-    inherited listening sockets; the parent restarts a child that dies, and on
-    SIGINT/SIGTERM stops them all (by pid) and returns."""
+def _run_workers(
+    count: int, run_one: Callable[[], None], on_ready: Callable[[], None] = lambda: None
+) -> int:
+    """Pre-fork: ``count`` child processes each run ``run_one``; once the
+    first ``count`` have called ``ready`` (see :func:`_worker_ready`),
+    ``on_ready`` runs in the parent. The parent restarts a child that dies, and
+    on SIGINT/SIGTERM stops them all (by pid) and returns."""
     import logging
     import signal
 
     log = logging.getLogger("pop3proto.server")
     children: dict[int, float] = {}
     stopping = threading.Event()
+    ready_r, ready_w = os.pipe()
 
     def spawn() -> None:
         sys.stdout.flush()
@@ -690,6 +705,8 @@ def _run_workers(count: int, run_one: Callable[[], None]) -> int:
         if pid == 0:  # pragma: no cover - runs in the child
             code = 0
             try:
+                os.close(ready_r)
+                _worker_ready.fd = ready_w
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 run_one()
@@ -710,6 +727,17 @@ def _run_workers(count: int, run_one: Callable[[], None]) -> int:
     try:
         for _ in range(count):
             spawn()
+        os.close(ready_w)
+        # Every first-generation worker says it is serving (or dies: EOF).
+        got = 0
+        with contextlib.suppress(OSError):
+            while got < count:
+                chunk = os.read(ready_r, count - got)
+                if not chunk:
+                    break
+                got += len(chunk)
+        os.close(ready_r)
+        on_ready()
         fast_deaths = 0
         while children:
             try:
@@ -730,6 +758,22 @@ def _run_workers(count: int, run_one: Callable[[], None]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return EXIT_OK
+
+
+class _WorkerReady:
+    """A worker tells the parent it is serving (once; a no-op elsewhere)."""
+
+    fd = -1
+
+    def __call__(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"1")
+                os.close(fd)
+
+
+_worker_ready = _WorkerReady()
 
 
 def _setup_logging(level: str) -> None:
@@ -754,7 +798,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--workers needs --maildir (each worker would get its own demo maildrop)")
     kind = "sync" if args.sync or _aio_server_class() is None else "aio"
     factory, loop_name = _loop_factory(not args.no_uvloop)
-    server = _make_server(setup, kind, args.backlog)
+    # Several workers: each gets its own listening socket on the same port
+    # (SO_REUSEPORT: the kernel spreads connections evenly); without it they
+    # share the parent's.
+    reuse_port = args.workers > 1 and hasattr(socket, "SO_REUSEPORT")
+    server = _make_server(setup, kind, args.backlog, reuse_port=reuse_port)
     engine = "threads" if kind == "sync" else loop_name
     log.info("pop3proto server starting (%s, %d worker(s))", engine, args.workers)
 
@@ -769,10 +817,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     if args.workers > 1:
-        announce()
-        code = _run_workers(
-            args.workers, lambda: _serve_until_signal(server, kind, factory, lambda: None)
+        run_one: Callable[[], None] = lambda: _serve_until_signal(  # noqa: E731
+            server, kind, factory, _worker_ready
         )
+        started = announce
+        if reuse_port:
+            # The ports are known now (even for port 0): each worker binds its
+            # own socket to them, and the parent's stops listening once they
+            # all do, so that no connection waits where nobody accepts.
+            pinned = dataclasses.replace(
+                setup,
+                listen=_bound(server.addresses, False, setup.listen),
+                tls_listen=_bound(server.addresses, True, setup.tls_listen),
+            )
+
+            def run_own() -> None:
+                for sock, _ in server._listeners:
+                    sock.close()  # this process's copy only (no shutdown)
+                own = _make_server(pinned, kind, args.backlog, reuse_port=True)
+                _serve_until_signal(own, kind, factory, _worker_ready)
+
+            def close_then_announce() -> None:
+                server._close_listeners()
+                announce()
+
+            run_one, started = run_own, close_then_announce
+        code = _run_workers(args.workers, run_one, started)
         with contextlib.suppress(Exception):
             if kind == "sync":
                 server.close()

@@ -522,6 +522,27 @@ def test_serve_maildir_with_passwd_users_scram_login(tmp_path: Path) -> None:
     assert code == 0
 
 
+def _listening_pids(port: int) -> set[int]:
+    """The processes holding a TCP socket listening on ``port`` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    pids = set()
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc_dir / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    pids.add(int(proc_dir.name))
+    return pids
+
+
 def test_serve_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     root = tmp_path / "mail"
     root.mkdir()
@@ -547,6 +568,10 @@ def test_serve_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
         children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
         children = [int(x) for x in children_file.read_text().split()]
         assert len(children) == 2
+        if hasattr(socket, "SO_REUSEPORT"):
+            # Each worker listens on its own socket (SO_REUSEPORT); the parent
+            # no longer listens at all.
+            assert _listening_pids(port) == set(children)
         code, _ = stop(proc)
     assert code == 0
     for pid in children:

@@ -276,6 +276,10 @@ class _Pipe(asyncio.Protocol):
             )
         except BaseException:
             self.abort()
+            # The transport now belongs to asyncio's TLS protocol, which does
+            # not pass connection_lost on for a handshake that never finished:
+            # without this, closing would wait CLOSE_TIMEOUT for nothing.
+            self.connection_lost(None)
             raise
         if upgraded is None or self._lost:
             self.abort()

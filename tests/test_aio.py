@@ -1102,3 +1102,28 @@ def test_client_against_dovecot_every_message(mode: str, dovecot: DovecotServer)
             assert manifest.matches(7, b"".join(chunks))
 
     run(main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_stalled_tls_handshake_after_stls_ends_at_the_deadline(loop: str) -> None:
+    """A server that answers "+OK Begin TLS" and then never handshakes: the
+    client gives up at its timeout and is closed then (asyncio's own loop
+    does not report the lost connection of an unfinished handshake)."""
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"+OK hi\r\n")
+        await reader.readline()
+        writer.write(CAPA_STLS)
+        await reader.readline()  # STLS
+        writer.write(b"+OK Begin TLS\r\n")
+        await asyncio.sleep(10)
+
+    async def main() -> float:
+        async with fake_server(stall) as port:
+            started = time.monotonic()
+            with pytest.raises(p.Pop3TLSError):
+                await connect("127.0.0.1", port, starttls=True, timeout=0.5)
+            return time.monotonic() - started
+
+    # CLOSE_TIMEOUT (2 s) is what a connection never seen to close waits.
+    assert run(main, loop) < 1.5

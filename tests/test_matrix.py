@@ -45,10 +45,20 @@ class Certs:
         cert = ca.issue_cert("localhost", "127.0.0.1", common_name="localhost")
         self.server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(self.server)
+        # Client certificates are asked for, not required (for EXTERNAL).
+        self.server.verify_mode = ssl.CERT_OPTIONAL
+        ca.configure_trust(self.server)
         self.client = ssl.create_default_context()
         ca.configure_trust(self.client)
         self.ca = ca
         self.cert_der = ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+    def client_with_cert(self, name: str) -> ssl.SSLContext:
+        """A client context presenting a certificate whose commonName is ``name``."""
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        self.ca.issue_cert(f"{name}@example.com", common_name=name).configure_cert(ctx)
+        return ctx
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +68,7 @@ def certs() -> Certs:
 
 def make_config() -> p.ServerConfig:
     return p.ServerConfig(
-        authenticator=PasswordTable(USERS, tokens={"alice": TOKEN}),
+        authenticator=PasswordTable(USERS, tokens={"alice": TOKEN}, allow_external=True),
         failure_delay=FailureDelay(base=0.0),
         stls_available=True,
         apop=True,
@@ -235,6 +245,27 @@ def test_every_login_method_each_binding(
 ) -> None:
     out = run_client(client, server.port(True), "tls", certs, LOGINS[method])
     assert out["retr"] == EXPECTED
+
+
+@pytest.mark.parametrize("client", ["sync", "aio", "trio"])
+@pytest.mark.parametrize("mode", ["stls", "tls"])
+def test_external_with_a_client_certificate_each_binding(
+    server: Running, client: str, mode: str, certs: Certs
+) -> None:
+    """SASL EXTERNAL (RFC 4422 App. A): the identity is the verified client
+    certificate's commonName; no password is sent."""
+    with_cert = Certs.__new__(Certs)
+    vars(with_cert).update(vars(certs))
+    with_cert.client = certs.client_with_cert("alice")
+    out = run_client(client, server.port(mode == "tls"), mode, with_cert, {"external": True})
+    assert out["retr"] == EXPECTED
+    # A certificate naming nobody who has a maildrop: refused, typed.
+    with_cert.client = certs.client_with_cert("mallory")
+    with pytest.raises(p.Pop3Error):
+        run_client(client, server.port(mode == "tls"), mode, with_cert, {"external": True})
+    # No certificate: EXTERNAL is not offered, and the client does not try it.
+    with pytest.raises(p.Pop3Error):
+        run_client(client, server.port(mode == "tls"), mode, certs, {"external": True})
 
 
 def test_wrong_password_is_a_typed_auth_error(server: Running, certs: Certs) -> None:

@@ -87,10 +87,21 @@ def parse_listing_number(token: bytes) -> int:
     return value
 
 
+#: The octets a unique-id may hold (RFC 1939 §7: 0x21-0x7E).
+_UID_OCTETS = bytes(range(0x21, 0x7F))
+
+
 def check_uid(uid: str | bytes) -> bytes:
-    """RFC 1939 §7: a unique-id is 1-70 octets of 0x21-0x7E."""
-    raw = uid.encode("ascii", "replace") if isinstance(uid, str) else uid
-    if not 1 <= len(raw) <= MAX_UID or any(not 0x21 <= b <= 0x7E for b in raw):
+    """RFC 1939 §7: a unique-id is 1-70 octets of 0x21-0x7E (a ``str`` with
+    anything outside ASCII is refused, never approximated)."""
+    if isinstance(uid, str):
+        if not uid.isascii():
+            raise ValueError("invalid unique-id")
+        raw = uid.encode("ascii")
+    else:
+        raw = bytes(uid)
+    # What is left once every allowed octet is deleted must be nothing.
+    if not 1 <= len(raw) <= MAX_UID or raw.translate(None, _UID_OCTETS):
         raise ValueError("invalid unique-id")
     return raw
 

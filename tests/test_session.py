@@ -80,3 +80,20 @@ def test_checklist_15_top_cutting(step: int) -> None:
 def test_wire_size_matches_sent_content(body: bytes, step: int) -> None:
     norm = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     assert p.wire_size(body[i : i + step] for i in range(0, len(body), step)) == len(norm)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=80) | st.text(max_size=80))
+def test_unique_ids_are_1_to_70_octets_of_0x21_to_0x7e(uid: bytes | str) -> None:
+    """RFC 1939 §7 and HARDENING 7, checked octet by octet: a text UID with
+    anything outside ASCII is refused, never approximated."""
+    from pop3proto._wire import check_uid
+
+    raw = uid.encode("utf-8") if isinstance(uid, str) else uid
+    valid = 1 <= len(raw) <= 70 and all(0x21 <= b <= 0x7E for b in raw)
+    if valid:
+        assert check_uid(uid) == raw
+        p.Mailbox([(1, raw.decode("ascii"))])
+    else:
+        with pytest.raises(ValueError):
+            check_uid(uid)

@@ -95,6 +95,11 @@ class MaildropRunner:
             return [(m.size, m.uid) for m in self.session.messages]
         assert self.session is not None
         if isinstance(request, rq.OpenMessage):
+            read_small = getattr(self.session, "read_small", None)
+            if read_small is not None:
+                data = read_small(request.index, CHUNK)
+                if data is not None:
+                    return (data,)
             try:
                 return read_chunks(self.session.open_message(request.index))
             except MaildropError:

@@ -1032,3 +1032,27 @@ def test_memory_contents_reflect_commits() -> None:
         s.commit([s.messages[0].key])
     assert drop.contents("u") == [b"b\n"]
     assert drop.contents("nobody") == []
+
+
+def test_read_small_matches_open_message_and_declines_the_rest(tmp_path: Path) -> None:
+    """The server's fast path for small messages: the same bytes as
+    ``open_message``, or None (too large, renamed, swapped for a symlink)
+    so that ``open_message`` decides."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root's secret\n")
+    put(tmp_path / "mail", "1.M1.h", b"small\nmessage\n")
+    put(tmp_path / "mail", "2.M2.h", b"x" * 5000)
+    third = put(tmp_path / "mail", "3.M3.h", b"third\n")
+    fourth = put(tmp_path / "mail", "4.M4.h", b"fourth\n")
+    with Maildir(tmp_path / "mail").open("alice") as s:
+        assert s.read_small(0, 100) == read_all(s, 0) == b"small\nmessage\n"
+        assert s.read_small(1, 5000) == read_all(s, 1)
+        assert s.read_small(1, 4999) is None  # over the limit
+        third.rename(third.parent.parent / "cur" / (third.name + ":2,S"))
+        assert s.read_small(2, 100) is None  # renamed: open_message finds it
+        assert read_all(s, 2) == b"third\n"
+        fourth.unlink()
+        fourth.symlink_to(secret)
+        assert s.read_small(3, 100) is None
+        with pytest.raises(MaildropError):
+            s.open_message(3)

@@ -276,6 +276,8 @@ class Server(ServerBase):
                         link.stream, result = done
                 elif isinstance(req, rq.Sleep):
                     await trio.sleep(req.seconds)
+                elif isinstance(req, rq.Commit) and not req.indexes:
+                    result = runner.run(req)  # nothing to remove: only the lock to release
                 elif runner.handles(req):
                     # Maildrop calls may block on the disk (listing, fsync, rename).
                     result = await trio.to_thread.run_sync(runner.run, req)

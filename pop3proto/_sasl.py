@@ -605,7 +605,39 @@ class Scram(ClientMechanism):
             raise SaslError("server accepted SCRAM without proving it knows the password")
 
 
-class OAuthBearer(ClientMechanism):
+class _BearerToken(ClientMechanism):
+    """What OAUTHBEARER and XOAUTH2 share: one client-first message; a JSON
+    error challenge is answered with ``_ERROR_REPLY``, its ``status`` kept in
+    :attr:`error_status`, and ``+OK`` after it is refused by
+    ``check_success()``."""
+
+    _ERROR_REPLY: bytes
+
+    def __init__(self, message: bytes) -> None:
+        super().__init__()
+        self._message = message
+        self._state = "first"
+        #: ``status`` from the server's error challenge, if one arrived.
+        self.error_status: str | None = None
+
+    def initial_response(self) -> bytes:
+        return self._message
+
+    def _respond(self, challenge: bytes) -> bytes:
+        if self._state == "first":
+            if not challenge:
+                return self._message
+            self._state = "error"
+            self.error_status = _json_status(challenge)
+            return self._ERROR_REPLY
+        raise SaslError(f"unexpected {self.name} challenge")
+
+    def check_success(self) -> None:
+        if self._state == "error":
+            raise SaslError(f"server accepted {self.name} after reporting an error")
+
+
+class OAuthBearer(_BearerToken):
     """OAUTHBEARER (RFC 7628), client-first.
 
     An error challenge (JSON) is answered with ``b"\\x01"``; its ``status`` is kept in
@@ -613,11 +645,12 @@ class OAuthBearer(ClientMechanism):
     """
 
     name = "OAUTHBEARER"
+    # RFC 7628 §3.2.3: the client answers an error with a single ^A.
+    _ERROR_REPLY = b"\x01"
 
     def __init__(
         self, user: str, token: str, host: str | None = None, port: int | None = None
     ) -> None:
-        super().__init__()
         _check_client_text(user, "user name", allow_empty=True)
         _check_client_text(token, "token", allow_empty=False)
         if "\x01" in token or "\x01" in user:
@@ -634,63 +667,24 @@ class OAuthBearer(ClientMechanism):
             pairs.append(f"port={port}\x01")
         pairs.append(f"auth=Bearer {token}\x01")
         authz = "a=" + _encode_saslname(user) if user else ""
-        self._message = f"n,{authz},\x01{''.join(pairs)}\x01".encode()
-        self._state = "first"
-        #: ``status`` from the server's error challenge, if one arrived.
-        self.error_status: str | None = None
-
-    def initial_response(self) -> bytes:
-        return self._message
-
-    def _respond(self, challenge: bytes) -> bytes:
-        if self._state == "first":
-            if not challenge:
-                return self._message
-            self._state = "error"
-            self.error_status = _json_status(challenge)
-            # RFC 7628 §3.2.3: the client answers an error with a single ^A.
-            return b"\x01"
-        raise SaslError("unexpected OAUTHBEARER challenge")
-
-    def check_success(self) -> None:
-        if self._state == "error":
-            raise SaslError("server accepted OAUTHBEARER after reporting an error")
+        super().__init__(f"n,{authz},\x01{''.join(pairs)}\x01".encode())
 
 
-class XOAuth2(ClientMechanism):
+class XOAuth2(_BearerToken):
     """XOAUTH2 (Google, Microsoft 365): ``user=U ^A auth=Bearer T ^A ^A``, client-first.
 
     An error challenge (JSON) is answered with an empty line, as Google requires.
     """
 
     name = "XOAUTH2"
+    _ERROR_REPLY = b""  # an empty line, as Google requires
 
     def __init__(self, user: str, token: str) -> None:
-        super().__init__()
         _check_client_text(user, "user name", allow_empty=False)
         _check_client_text(token, "token", allow_empty=False)
         if "\x01" in token or "\x01" in user:
             raise SaslError("XOAUTH2 fields cannot contain ^A")
-        self._message = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-        self._state = "first"
-        #: ``status`` from the server's error challenge, if one arrived.
-        self.error_status: str | None = None
-
-    def initial_response(self) -> bytes:
-        return self._message
-
-    def _respond(self, challenge: bytes) -> bytes:
-        if self._state == "first":
-            if not challenge:
-                return self._message
-            self._state = "error"
-            self.error_status = _json_status(challenge)
-            return b""
-        raise SaslError("unexpected XOAUTH2 challenge")
-
-    def check_success(self) -> None:
-        if self._state == "error":
-            raise SaslError("server accepted XOAUTH2 after reporting an error")
+        super().__init__(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
 
 
 class External(ClientMechanism):

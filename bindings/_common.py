@@ -15,10 +15,11 @@ from pop3proto._events import Greeting
 from pop3proto._state import State
 
 if TYPE_CHECKING:
+    import logging
     import ssl
 
     from pop3proto._auth import Authenticator
-    from pop3proto._server import ServerConfig
+    from pop3proto._server import ServerConfig, SessionSummary
 
     from .maildrop import Maildrop, MaildropSession
 
@@ -71,6 +72,21 @@ def read_chunks(fp: BinaryIO) -> Iterator[bytes]:
         fp.close()
 
 
+def log_session(log: logging.Logger, summary: SessionSummary | None) -> None:
+    """The one log line of a finished session (nothing for one the binding
+    cut short: it logs why itself)."""
+    if summary is not None:
+        log.info(
+            "session peer=%s user=%s retrieved=%d octets=%d deleted=%d end=%s",
+            summary.peer,
+            summary.user,
+            summary.retrieved,
+            summary.octets,
+            summary.deleted,
+            summary.ended or "quit",
+        )
+
+
 class MaildropRunner:
     """Carries out the server driver's maildrop requests (OpenMaildrop,
     OpenMessage, Commit) on a ``Maildrop``, and releases the lock at the end."""
@@ -81,6 +97,19 @@ class MaildropRunner:
 
     def handles(self, request: rq.Request) -> bool:
         return isinstance(request, (rq.OpenMaildrop, rq.OpenMessage, rq.Commit))
+
+    def may_block(self, request: rq.Request) -> bool:
+        """Whether carrying out ``request`` can wait on the disk (an event
+        loop may then hand it to a worker thread): never for an in-memory
+        maildrop, nor for an UPDATE with nothing to remove (it only releases
+        the lock)."""
+        from .maildrop import MemoryMaildrop
+
+        if isinstance(self.maildrop, MemoryMaildrop):
+            return False
+        if isinstance(request, rq.Commit) and not request.indexes:
+            return False
+        return self.handles(request)
 
     def run(self, request: rq.Request) -> Any:
         from .maildrop import MaildropError, MaildropLocked

@@ -15,7 +15,7 @@ from typing import Any
 import pop3proto as p
 from pop3proto import _requests as rq
 
-from ._common import MaildropRunner, ServerBase, is_loopback, tls_info
+from ._common import MaildropRunner, ServerBase, is_loopback, log_session, tls_info
 
 __all__ = ["Server"]
 
@@ -124,17 +124,7 @@ class Server(ServerBase):
                 tls_info=info,
                 clock=time.monotonic,
             )
-            summary = self._run(gen, sock, runner)
-            if summary is not None:
-                log.info(
-                    "session peer=%s user=%s retrieved=%d octets=%d deleted=%d end=%s",
-                    summary.peer,
-                    summary.user,
-                    summary.retrieved,
-                    summary.octets,
-                    summary.deleted,
-                    summary.ended or "quit",
-                )
+            log_session(log, self._run(gen, sock, runner))
         except Exception:
             log.exception("session with %s failed", peer)
         finally:

@@ -67,9 +67,9 @@ from ._common import (
     MaildropRunner,
     ServerBase,
     is_loopback,
+    log_session,
     tls_info,
 )
-from .maildrop import MemoryMaildrop
 
 __all__ = [
     "POP3S_PORT",
@@ -373,11 +373,7 @@ class _ServerConnection(_Pipe):
         # message: short local work, done inline (a hop through the thread
         # pool cost more than the work itself). A commit unlinks and fsyncs,
         # which can stall on a busy disk: that goes to a worker thread.
-        if (
-            isinstance(runner.maildrop, MemoryMaildrop)
-            or not isinstance(request, rq.Commit)
-            or not request.indexes  # nothing to remove: only the lock to release
-        ):
+        if not isinstance(request, rq.Commit) or not runner.may_block(request):
             return runner.run(request)
         job = self._loop.run_in_executor(None, runner.run, request)
         self._busy = job
@@ -443,17 +439,7 @@ class _ServerConnection(_Pipe):
                 tls_info=info,
                 clock=time.monotonic,
             )
-            summary = await self._drive(gen, runner)
-            if summary is not None:
-                log.info(
-                    "session peer=%s user=%s retrieved=%d octets=%d deleted=%d end=%s",
-                    summary.peer,
-                    summary.user,
-                    summary.retrieved,
-                    summary.octets,
-                    summary.deleted,
-                    summary.ended or "quit",
-                )
+            log_session(log, await self._drive(gen, runner))
         except asyncio.CancelledError:
             self.abort()
             raise

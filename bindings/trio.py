@@ -68,6 +68,7 @@ from ._common import (
     MaildropRunner,
     ServerBase,
     is_loopback,
+    log_session,
     tls_info,
 )
 
@@ -226,17 +227,7 @@ class Server(ServerBase):
                 tls_info=info,
                 clock=trio.current_time,
             )
-            summary = await self._run(gen, link, runner)
-            if summary is not None:
-                log.info(
-                    "session peer=%s user=%s retrieved=%d octets=%d deleted=%d end=%s",
-                    summary.peer,
-                    summary.user,
-                    summary.retrieved,
-                    summary.octets,
-                    summary.deleted,
-                    summary.ended or "quit",
-                )
+            log_session(log, await self._run(gen, link, runner))
         except Exception:
             log.exception("session with %s failed", peer)
         finally:
@@ -276,11 +267,11 @@ class Server(ServerBase):
                         link.stream, result = done
                 elif isinstance(req, rq.Sleep):
                     await trio.sleep(req.seconds)
-                elif isinstance(req, rq.Commit) and not req.indexes:
-                    result = runner.run(req)  # nothing to remove: only the lock to release
-                elif runner.handles(req):
+                elif runner.may_block(req):
                     # Maildrop calls may block on the disk (listing, fsync, rename).
                     result = await trio.to_thread.run_sync(runner.run, req)
+                elif runner.handles(req):
+                    result = runner.run(req)
                 else:  # pragma: no cover - the driver yields nothing else
                     raise TypeError(f"unexpected request {req!r}")
         finally:

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from pop3proto import _requests as rq
-from pop3proto._client import ClientSession, Driver
+from pop3proto._client import CapaClosedError, ClientSession, Driver
 from pop3proto._events import Capabilities, Greeting
 from pop3proto._requests import TLSInfo
 
@@ -152,6 +152,31 @@ class AsyncClientMethods(ClientBase):
         """Mark each message of ``msgs`` deleted, pipelined when possible;
         returns how many were marked."""
         return await self._run(self._session.delete_many(msgs, window))
+
+
+class _Opens(Protocol):
+    operation_timeout: float | None
+
+    async def open(self) -> Greeting: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def opened(client: _Opens, operation_timeout: float | None) -> bool:
+    """Open a freshly connected ``client`` (greeting, CAPA, STLS). False when
+    the server closed the connection on CAPA, so the caller connects again
+    without it; any other failure closes the client and is raised. Then the
+    caller's operation timeout applies from here on."""
+    try:
+        await client.open()
+    except CapaClosedError:
+        await client.aclose()
+        return False
+    except BaseException:
+        await client.aclose()
+        raise
+    client.operation_timeout = operation_timeout
+    return True
 
 
 class _Closes(Protocol):

@@ -59,7 +59,7 @@ from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Dr
 from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 
-from ._asyncclient import AsyncClientMethods, Connecting
+from ._asyncclient import AsyncClientMethods, Connecting, opened
 from ._common import (
     POP3_PORT,
     POP3S_PORT,
@@ -882,16 +882,8 @@ async def _open_client(
         except BaseException:
             pipe.abort()
             raise
-        try:
-            await client.open()
-        except CapaClosedError:
-            await client.aclose()
-            continue
-        except BaseException:
-            await client.aclose()
-            raise
-        client.operation_timeout = operation_timeout
-        return client
+        if await opened(client, operation_timeout):
+            return client
     raise CapaClosedError()  # pragma: no cover - the second try sends no CAPA
 
 

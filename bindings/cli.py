@@ -1746,26 +1746,35 @@ def _retrieve_all(
             _err(f"fetch: warning: message {msg}: LIST said {listed} octets, RETR gave {size}", err)
         octets[msg] = size
 
+    def hand_over(msg: int, tmp: _TmpMessage, size: int) -> None:
+        """``tmp`` holds the whole message: on to be made durable."""
+        check_size(msg, size)
+        syncer.submit(msg, tmp)
+        durable(syncer.take())
+
     def write(msg: int, data: bytes, name: str) -> None:
-        check_size(msg, len(data))
         tmp = delivery.begin(name)
         try:
             tmp.write(data)
         except BaseException:
             tmp.abort()
             raise
-        syncer.submit(msg, tmp)
-        durable(syncer.take())
+        hand_over(msg, tmp, len(data))
+
+    def skip(msg: int, exc: Pop3Error) -> None:
+        """``msg`` was answered -ERR: counted and left on the server (a
+        broken connection ends the loop instead)."""
+        if not client.session.usable:
+            raise exc
+        result.failed += 1
+        _err(f"fetch: message {msg} not retrieved: {exc}", err)
 
     def one(msg: int) -> None:
         """Retrieve one small message on its own (after a pipelined -ERR)."""
         try:
             data = client.retrieve(msg)
         except Pop3Error as exc:
-            if not client.session.usable:
-                raise
-            result.failed += 1
-            _err(f"fetch: message {msg} not retrieved: {exc}", err)
+            skip(msg, exc)
             return
         write(msg, data, names[msg])
 
@@ -1779,19 +1788,13 @@ def _retrieve_all(
             tmp = delivery.begin(name)
             try:
                 size = client.retrieve_into(msg, tmp)
-            except Pop3Error as exc:
+            except BaseException as exc:
                 tmp.abort()
-                if not client.session.usable:
+                if not isinstance(exc, Pop3Error):
                     raise
-                result.failed += 1
-                _err(f"fetch: message {msg} not retrieved: {exc}", err)
+                skip(msg, exc)
                 continue
-            except BaseException:
-                tmp.abort()
-                raise
-            check_size(msg, size)
-            syncer.submit(msg, tmp)
-            durable(syncer.take())
+            hand_over(msg, tmp, size)
             continue
         run: list[int] = []
         while i < len(msgs) and sizes[msgs[i]] < STREAM_THRESHOLD:

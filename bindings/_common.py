@@ -4,6 +4,7 @@ requests, TLS facts for SASL, and address helpers. No socket code here."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -237,11 +238,13 @@ def _signature_hash(der: bytes) -> str:
     return _SIG_HASHES.get(oid, "sha256")
 
 
+@functools.lru_cache(maxsize=16)
 def server_end_point(der_certificate: bytes) -> bytes:
     """``tls-server-end-point`` channel-binding data (RFC 5929 §4.1) for the
     server's DER certificate: its hash under the hash of its signature
     algorithm, SHA-256 for MD5/SHA-1 and for algorithms with no single hash
-    (Ed25519, Ed448) or that cannot be read."""
+    (Ed25519, Ed448) or that cannot be read. Remembered for the last few
+    certificates: a server computes it for its own one on every handshake."""
     try:
         name = _signature_hash(der_certificate)
     except ValueError:

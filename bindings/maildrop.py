@@ -442,6 +442,20 @@ def _scan(fd: int, sub: str, into: dict[str, _Entry]) -> None:
             into[base] = _Entry(sub, name, base, st.st_size, st.st_mtime_ns)
 
 
+#: How old a directory's modification time must be before a listing made
+#: under it is reused (file system timestamps are coarser than nanoseconds).
+_SETTLED_NS = 2_000_000_000
+
+
+class _Listing(NamedTuple):
+    """A remembered listing: ``stamp`` is (inode, mtime) of ``new/`` and
+    ``cur/`` when it was made; ``entries`` is never changed once built."""
+
+    stamp: tuple[tuple[int, int], ...]
+    messages: tuple[MessageInfo, ...]
+    entries: dict[str, _Entry]
+
+
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -501,14 +515,21 @@ class Maildir:
       ``root/<user>/pop3proto-index``, keyed by base name, file size and
       modification time, rewritten atomically (temporary file, fsync, rename)
       when it changed. Opening a maildrop reads only the directories and the
-      index unless messages are new or changed. A damaged index is ignored and
-      rebuilt.
+      index unless messages are new or changed, and only two directory
+      modification times when it has not changed since this object last
+      listed it. A damaged index is ignored and rebuilt.
     * ``commit`` unlinks each file, then fsyncs the directories it changed.
       ``unlink`` is atomic: a crash leaves each message intact or gone.
     """
 
+    #: How many Maildirs' listings one ``Maildir`` object remembers (see
+    #: ``_listing``); the oldest is forgotten first.
+    LISTINGS_KEPT = 4096
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = os.fspath(root)
+        self._listings: dict[tuple[int, int], _Listing] = {}
+        self._listings_lock = threading.Lock()
 
     @property
     def root(self) -> str:
@@ -558,7 +579,7 @@ class Maildir:
                     ) from None
                 fds.append(sub_fds[sub])
             try:
-                messages, entries = _list(dir_fd, sub_fds)
+                messages, entries = self._listing(ident, dir_fd, sub_fds)
             except OSError as exc:
                 raise MaildropError(
                     f"cannot list maildrop of {user!r}: {exc.strerror}", code="SYS/TEMP"
@@ -567,6 +588,36 @@ class Maildir:
             _release(fds, ident)
             raise
         return _MaildirSession(user, fds, ident, sub_fds, messages, entries)
+
+    def _listing(
+        self, ident: tuple[int, int], dir_fd: int, sub_fds: dict[str, int]
+    ) -> tuple[tuple[MessageInfo, ...], dict[str, _Entry]]:
+        """The maildrop's listing, reused from this object's last look at
+        the same Maildir while neither ``new/`` nor ``cur/`` has changed
+        since (two ``fstat`` calls instead of reading both directories, a
+        ``stat`` per message and the index): every delivery, removal or
+        rename changes a directory's modification time. A time is only
+        trusted once it is :data:`_SETTLED_NS` old, as a change within the
+        file system's timestamp granularity would not show. A message file
+        rewritten in place (which Maildir forbids) is therefore seen at the
+        next change of its directory."""
+        now = time.time_ns()
+        stamps = []
+        for sub in _SUBDIRS:
+            st = os.fstat(sub_fds[sub])
+            stamps.append((st.st_ino, st.st_mtime_ns))
+        stamp = tuple(stamps)
+        kept = self._listings.get(ident)
+        if kept is not None and kept.stamp == stamp:
+            return kept.messages, kept.entries
+        messages, entries = _list(dir_fd, sub_fds)
+        if all(now - mtime >= _SETTLED_NS for _, mtime in stamp):
+            with self._listings_lock:
+                self._listings.pop(ident, None)
+                self._listings[ident] = _Listing(stamp, messages, entries)
+                while len(self._listings) > self.LISTINGS_KEPT:
+                    del self._listings[next(iter(self._listings))]
+        return messages, entries
 
     @staticmethod
     def _lock(dir_fd: int, user: str) -> int:
@@ -879,21 +930,27 @@ class _MaildirSession(MaildropSession):
         except OSError:
             return None
         try:
-            parts = []
-            got = 0
-            while got <= limit:
-                part = os.read(fd, limit + 1 - got)
-                if not part:
-                    break
-                parts.append(part)
-                got += len(part)
+            # One read of the listed size and one octet more: a regular file
+            # gives a short read only at its end, so getting exactly the
+            # listed size is the whole file. (Asking for ``limit`` octets
+            # instead would allocate and shrink a large buffer per message.)
+            first = os.read(fd, entry.disk_size + 1)
+            if len(first) == entry.disk_size:
+                return first
+            # Changed since it was listed: read on to its end, up to ``limit``.
+            parts = [first]
+            got = len(first)
+            while first and got <= limit:
+                first = os.read(fd, limit + 1 - got)
+                parts.append(first)
+                got += len(first)
         except OSError:
             return None
         finally:
             os.close(fd)
         if got > limit:
             return None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"".join(parts)
 
     def commit(self, keys: Iterable[str]) -> None:
         if self._closed:

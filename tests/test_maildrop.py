@@ -1056,3 +1056,122 @@ def test_read_small_matches_open_message_and_declines_the_rest(tmp_path: Path) -
         assert s.read_small(3, 100) is None
         with pytest.raises(MaildropError):
             s.open_message(3)
+
+
+def test_read_small_follows_a_file_changed_since_listing(tmp_path: Path) -> None:
+    """``read_small`` reads the listed size plus one octet: a file that grew
+    or shrank since the listing is still read whole (or declined when it
+    grew past the limit)."""
+    grows = put(tmp_path, "1.M1.h", b"abc\n")
+    shrinks = put(tmp_path, "2.M2.h", b"abcdefgh\n")
+    past = put(tmp_path, "3.M3.h", b"x\n")
+    empty = put(tmp_path, "4.M4.h", b"")
+    with Maildir(tmp_path).open("alice") as s:
+        grows.write_bytes(b"abc\n" * 10)
+        shrinks.write_bytes(b"ab\n")
+        past.write_bytes(b"x" * 200)
+        assert s.read_small(0, 100) == b"abc\n" * 10
+        assert s.read_small(1, 100) == b"ab\n"
+        assert s.read_small(2, 100) is None
+        assert s.read_small(3, 100) == b""
+        empty.write_bytes(b"late\n")
+        assert s.read_small(3, 100) == b"late\n"
+
+
+def _age_directories(box: Path, seconds: float = 10.0) -> None:
+    then = time.time() - seconds
+    for sub in ("new", "cur"):
+        os.utime(box / sub, (then, then))
+
+
+def count_listings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = md._list
+
+    def counting(*args: object) -> object:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(md, "_list", counting)
+    return calls
+
+
+def test_unchanged_maildir_is_not_listed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second session on a Maildir whose new/ and cur/ have not changed
+    reuses the listing; every kind of change is seen."""
+    put(tmp_path, "1.M1.h", b"a\n")
+    put(tmp_path, "2.M2.h", b"bb\n", sub="cur")
+    box = tmp_path / "alice"
+    _age_directories(box)
+    calls = count_listings(monkeypatch)
+    drop = Maildir(tmp_path)
+    with drop.open("alice") as s:
+        first = [(m.uid, m.size) for m in s.messages]
+    with drop.open("alice") as s:
+        assert [(m.uid, m.size) for m in s.messages] == first
+        assert read_all(s, 1) == b"bb\n"
+    assert len(calls) == 1
+    assert first == [("1.M1.h", 3), ("2.M2.h", 4)]
+
+    # A delivery into new/ (directory time now fresh: listed every time
+    # until it settles).
+    put(tmp_path, "3.M3.h", b"c\n")
+    with drop.open("alice") as s:
+        assert [m.uid for m in s.messages] == ["1.M1.h", "2.M2.h", "3.M3.h"]
+    with drop.open("alice") as s:
+        assert len(s.messages) == 3
+    assert len(calls) == 3
+
+    # A rename new/ -> cur/ by another program, after things settled.
+    _age_directories(box)
+    with drop.open("alice"):
+        pass
+    assert len(calls) == 4
+    os.rename(box / "new" / "1.M1.h", box / "cur" / "1.M1.h:2,S")
+    with drop.open("alice") as s:
+        assert [m.uid for m in s.messages] == ["1.M1.h", "2.M2.h", "3.M3.h"]
+        assert read_all(s, 0) == b"a\n"
+    assert len(calls) == 5
+
+    # A removal through another Maildir object (another process).
+    _age_directories(box)
+    with drop.open("alice"):
+        pass
+    with Maildir(tmp_path).open("alice") as other:
+        other.commit([other.messages[1].key])
+    with drop.open("alice") as s:
+        assert [m.uid for m in s.messages] == ["1.M1.h", "3.M3.h"]
+    assert len(calls) == 8
+
+
+def test_fresh_directories_are_listed_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory changed within the last moments may change again
+    without its time moving: its listing is not reused."""
+    put(tmp_path, "1.M1.h", b"a\n")
+    calls = count_listings(monkeypatch)
+    drop = Maildir(tmp_path)
+    for _ in range(3):
+        with drop.open("alice") as s:
+            assert len(s.messages) == 1
+    assert len(calls) == 3
+
+
+def test_listings_kept_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Maildir, "LISTINGS_KEPT", 3)
+    drop = Maildir(tmp_path)
+    for i in range(6):
+        put(tmp_path, "1.M1.h", b"a\n", user=f"u{i}")
+        _age_directories(tmp_path / f"u{i}")
+        with drop.open(f"u{i}"):
+            pass
+    assert len(drop._listings) == 3
+    calls = count_listings(monkeypatch)
+    with drop.open("u5"):
+        pass
+    with drop.open("u0"):
+        pass
+    assert len(calls) == 1  # u5 kept, u0 forgotten

@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable
@@ -131,6 +132,11 @@ class _Pipe(asyncio.Protocol):
         self._drainer: asyncio.Future[Any] | None = None
         self._closed: asyncio.Future[None] = loop.create_future()
         self._linger: asyncio.TimerHandle | None = None
+        # Lazy timeouts (see _until): when each waiting slot's wait ends,
+        # and the one timer that wakes them.
+        self._due: dict[str, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     # ------------------------------------------------ asyncio.Protocol
 
@@ -177,6 +183,7 @@ class _Pipe(asyncio.Protocol):
         self._lost = self._eof = True
         _wake(self._receiver, _GONE)
         _wake(self._drainer, _GONE)
+        self._disarm()
 
     def abort(self) -> None:
         """Drop the connection at once and wake whoever waits on it."""
@@ -198,18 +205,52 @@ class _Pipe(asyncio.Protocol):
     async def _until(self, slot: str, timeout: float | None) -> str:
         """Wait on a fresh future kept in attribute ``slot``: ``_READY`` when
         woken, ``_LATE`` after ``timeout`` seconds, ``_GONE`` when the
-        connection went away."""
+        connection went away.
+
+        Timers are lazy: a wait only notes when it ends, and the
+        connection's one timer is set again only for a wait that ends before
+        it fires. A session of quick commands under a long idle timeout thus
+        sets one timer, not one per command; when the timer fires it wakes
+        the waits that are due and sets itself for the next one."""
         waiter = self._loop.create_future()
         setattr(self, slot, waiter)
-        handle = None
         if timeout is not None:
-            handle = self._loop.call_later(max(timeout, 0.0), _wake, waiter, _LATE)
+            at = self._loop.time() + max(timeout, 0.0)
+            self._due[slot] = at
+            if at < self._timer_at:
+                self._arm(at)
         try:
             return cast(str, await waiter)
         finally:
             setattr(self, slot, None)
-            if handle is not None:
-                handle.cancel()
+            self._due.pop(slot, None)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self._loop.time()
+        after = math.inf
+        for slot, at in list(self._due.items()):
+            if at <= now:
+                del self._due[slot]
+                _wake(getattr(self, slot), _LATE)
+            elif at < after:
+                after = at
+        if after < math.inf:
+            self._arm(after)
+
+    def _disarm(self) -> None:
+        self._due.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
 
     def _take(self) -> bytes:
         chunks = self._chunks

@@ -132,10 +132,14 @@ def parse_msg_number(token: str, *, zero: bool = False) -> int:
     return value
 
 
+#: The octets a command line may not hold: controls but TAB, and DEL.
+_CONTROL_OCTETS = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
+
+
 def parse_command(line: bytes, extensions: dict[str, bool]) -> ev.Command:
     """Parse one command line (line end removed). Raises ``ValueError`` with a
     safe reason for anything malformed or unknown."""
-    if any(b < 0x20 and b != 0x09 for b in line) or b"\x7f" in line:
+    if line.translate(None, _CONTROL_OCTETS) != line:
         raise ValueError("control characters in command")
     keyword_raw, sp, rest_raw = line.partition(b" ")
     if not 1 <= len(keyword_raw) <= 32 or not keyword_raw.isascii():

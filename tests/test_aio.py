@@ -540,6 +540,39 @@ def test_hardening_45_idle_timeout_after_login_closes_without_a_reply() -> None:
     assert 0.5 <= waited < 2.0
 
 
+def test_a_session_of_quick_commands_sets_few_timers() -> None:
+    """Waiting for the next command notes a deadline; the connection's one
+    timer is only set again for a wait that ends sooner (test 45 above shows
+    the deadline still moves with every command)."""
+    server = make_server(memory_box(1).maildrop, idle_timeout=30.0)
+    timers: list[object] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        real_at = loop.call_at  # asyncio's call_later goes through call_at
+
+        def at(when: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+            timers.append(callback)
+            return real_at(when, callback, *args, **kw)
+
+        loop.call_at = at  # type: ignore[method-assign]
+
+        def client() -> None:
+            raw = Raw(port_of(server))
+            raw.login()
+            for _ in range(40):
+                assert raw.command(b"NOOP").startswith(b"+OK")
+            assert raw.command(b"QUIT").startswith(b"+OK")
+            assert raw.rest() == b""
+
+        async with server:
+            await asyncio.to_thread(client)
+
+    run(main)
+    # The waits' timer(s), the closing linger, the server's close: not 40+.
+    assert 1 <= len(timers) <= 8
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_hardening_46_server_buffers_are_bounded_when_the_client_never_reads(loop: str) -> None:
     msg = b"Subject: flood\n\n" + (b"y" * 70 + b"\n") * 60

@@ -22,10 +22,16 @@ if TYPE_CHECKING:
     from pop3proto._auth import Authenticator
     from pop3proto._server import ServerConfig, SessionSummary
 
-    from .maildrop import Maildrop, MaildropSession
+    from .maildrop import (
+        Maildrop,
+        MaildropError,
+        MaildropLocked,
+        MaildropSession,
+        MemoryMaildrop,
+    )
 
-# A client session needs neither ssl (unless it uses TLS), the maildrops nor
-# ipaddress: they are imported where used, which keeps ``pop3proto fetch``'s
+# A client session needs neither ssl (unless it uses TLS) nor the maildrops:
+# they are imported where used, which keeps ``pop3proto fetch``'s
 # start-up short.
 
 __all__ = [
@@ -50,13 +56,22 @@ POP3S_PORT = 995
 CHUNK = 64 * 1024
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8 and ::1 (where plaintext logins may be allowed)."""
-    import ipaddress
+_IPV6_LOOPBACK = bytes(15) + b"\x01"
 
+
+def is_loopback(host: str) -> bool:
+    """True for an address literal in 127.0.0.0/8, and for ::1 (where
+    plaintext logins may be allowed); a zone (``%eth0``) is ignored."""
+    # inet_pton rather than ipaddress: this runs for every connection a
+    # server accepts, and ipaddress is a long import for a client.
+    literal = host.split("%", 1)[0]
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
+        return socket.inet_pton(socket.AF_INET, literal)[0] == 127
+    except (OSError, ValueError):
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, literal) == _IPV6_LOOPBACK
+    except (OSError, ValueError):
         return False
 
 
@@ -88,6 +103,15 @@ def log_session(log: logging.Logger, summary: SessionSummary | None) -> None:
         )
 
 
+@functools.cache
+def _maildrop_classes() -> tuple[type[MaildropError], type[MaildropLocked], type[MemoryMaildrop]]:
+    """``maildrop``'s error classes and ``MemoryMaildrop``, imported on first
+    use (a client never needs that module)."""
+    from .maildrop import MaildropError, MaildropLocked, MemoryMaildrop
+
+    return MaildropError, MaildropLocked, MemoryMaildrop
+
+
 class MaildropRunner:
     """Carries out the server driver's maildrop requests (OpenMaildrop,
     OpenMessage, Commit) on a ``Maildrop``, and releases the lock at the end."""
@@ -104,24 +128,25 @@ class MaildropRunner:
         loop may then hand it to a worker thread): never for an in-memory
         maildrop, nor for an UPDATE with nothing to remove (it only releases
         the lock)."""
-        from .maildrop import MemoryMaildrop
-
-        if isinstance(self.maildrop, MemoryMaildrop):
+        if isinstance(self.maildrop, _maildrop_classes()[2]):
             return False
         if isinstance(request, rq.Commit) and not request.indexes:
             return False
         return self.handles(request)
 
     def run(self, request: rq.Request) -> Any:
-        from .maildrop import MaildropError, MaildropLocked
-
+        # The maildrop's error classes are looked up only when something
+        # failed: this runs for every message a server sends.
         if isinstance(request, rq.OpenMaildrop):
             try:
                 self.session = self.maildrop.open(request.user)
-            except MaildropLocked:
-                return MaildropFailure(in_use=True)
-            except MaildropError:
-                return MaildropFailure()
+            except Exception as exc:
+                error, locked, _ = _maildrop_classes()
+                if isinstance(exc, locked):
+                    return MaildropFailure(in_use=True)
+                if isinstance(exc, error):
+                    return MaildropFailure()
+                raise
             return [(m.size, m.uid) for m in self.session.messages]
         assert self.session is not None
         if isinstance(request, rq.OpenMessage):
@@ -132,16 +157,20 @@ class MaildropRunner:
                     return (data,)
             try:
                 return read_chunks(self.session.open_message(request.index))
-            except MaildropError:
-                return None  # removed behind our back: the driver answers -ERR
+            except Exception as exc:
+                if isinstance(exc, _maildrop_classes()[0]):
+                    return None  # removed behind our back: the driver answers -ERR
+                raise
         if isinstance(request, rq.Commit):
             # UPDATE: remove, then release the lock before the +OK is sent.
             messages = self.session.messages
             try:
                 if request.indexes:
                     self.session.commit(messages[i].key for i in request.indexes)
-            except MaildropError:
-                return False
+            except Exception as exc:
+                if isinstance(exc, _maildrop_classes()[0]):
+                    return False
+                raise
             finally:
                 self.close()
             return True

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, TypeGuard, TypeVar, overload
+from typing import TYPE_CHECKING, Protocol, TypeGuard, TypeVar, cast, overload
 
 from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
 from pop3proto._events import Capabilities, Greeting
@@ -507,9 +507,14 @@ def connect(
         clock=time.monotonic,
     )
     implicit, port, context = plan.implicit, plan.port, plan.context
+    # An ASCII name goes to getaddrinfo as bytes, as it is: a str would go
+    # through the "idna" codec first (a long import, and a UnicodeError rather
+    # than an OSError for a malformed name). getaddrinfo takes bytes; the
+    # type stubs only say str.
+    address = cast(str, host.encode("ascii")) if host.isascii() else host
     for capa, ctimeout, remaining in plan.attempts():
         try:
-            sock = socket.create_connection((host, port), timeout=ctimeout)
+            sock = socket.create_connection((address, port), timeout=ctimeout)
         except TimeoutError as exc:
             raise Pop3TimeoutError(f"connecting to {host}:{port} timed out") from exc
         try:

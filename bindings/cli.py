@@ -181,14 +181,16 @@ _URL_MAX = 2048
 
 
 def _pct_decode(text: str, what: str) -> str:
-    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
-        raise UsageError(f"bad %-escape in the URL's {what}")
-    from urllib.parse import unquote_to_bytes
+    value = text
+    if "%" in text:
+        if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+            raise UsageError(f"bad %-escape in the URL's {what}")
+        from urllib.parse import unquote_to_bytes
 
-    try:
-        value = unquote_to_bytes(text).decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"the URL's {what} is not UTF-8 once unescaped") from None
+        try:
+            value = unquote_to_bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"the URL's {what} is not UTF-8 once unescaped") from None
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise UsageError(f"control characters in the URL's {what}")
     return value
@@ -1007,11 +1009,10 @@ def _maildir_name() -> str:
         _name_counter += 1
         n = _name_counter
         if _name_tail is None or _name_tail[0] != pid:  # computed anew after fork()
-            import secrets
-
             host = socket.gethostname() or "localhost"
             host = host.replace("/", r"\057").replace(":", r"\072")
-            _name_tail = (pid, f"R{secrets.token_hex(4)}.{host}")
+            # What secrets.token_hex(4) returns, without importing it.
+            _name_tail = (pid, f"R{os.urandom(4).hex()}.{host}")
         tail = _name_tail[1]
     sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
     return f"{sec}.M{usec}P{pid}Q{n}{tail}"
@@ -1452,8 +1453,6 @@ def _connect_and_login(
     stls: bool = True,
 ) -> Client:
     """Connected and logged in, or ``_Exit`` with code 4 (connect/TLS) or 3 (login)."""
-    import ssl
-
     from pop3proto import Pop3Error, Pop3TLSError, ProtocolError
 
     where = _url_host(url.host, url.port)
@@ -1469,7 +1468,7 @@ def _connect_and_login(
     except Pop3TLSError as exc:
         hint = "" if url.tls or insecure else " (use pop3s://, or --insecure to allow plaintext)"
         raise _Exit(EXIT_CONNECT, f"TLS with {where} failed: {exc}{hint}") from None
-    except (Pop3Error, ProtocolError, OSError, ssl.SSLError) as exc:
+    except (Pop3Error, ProtocolError, OSError) as exc:  # OSError: ssl.SSLError too
         raise _Exit(EXIT_CONNECT, f"cannot connect to {where}: {exc}") from None
     try:
         client.login(user, password, mechanism=url.mechanism)
@@ -2241,9 +2240,33 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``: argparse asks it for every
+    argument it adds, and importing shutil (with bz2 and lzma) is a
+    noticeable share of a short command's start-up."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized to the terminal without shutil."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_terminal_columns() - 2)
+
+
 def _parser_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
+        formatter_class=_HelpFormatter,
         help="run a POP3 server",
         description="Run a POP3 server. "
         "Without --maildir it serves an embedded demo maildrop "
@@ -2323,6 +2346,7 @@ def _parser_serve(sub: Any) -> None:
 def _parser_fetch(sub: Any) -> None:
     p = sub.add_parser(
         "fetch",
+        formatter_class=_HelpFormatter,
         help="download a maildrop into a Maildir, safely",
         description="Download messages into a Maildir: each message is on disk "
         "and fsynced, and its UID recorded, before it is deleted on the server. "
@@ -2388,6 +2412,7 @@ def _parser_fetch(sub: Any) -> None:
 def _parser_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
+        formatter_class=_HelpFormatter,
         help="load-test a POP3 server (loopback unless --allow-remote)",
         description="Concurrent sessions of connect, login, STAT, UIDL, "
         "RETR 1..K, QUIT; reports sessions/s, MB/s and latency percentiles.",
@@ -2449,6 +2474,7 @@ def _parser_bench(sub: Any) -> None:
 def _parser_passwd(sub: Any) -> None:
     p = sub.add_parser(
         "passwd",
+        formatter_class=_HelpFormatter,
         help="set a user's password in a credential file",
         description="Write USER's line with SCRAM-SHA-256 and SCRAM-SHA-1 "
         "verifiers (no plaintext). The password is read from standard input "
@@ -2466,7 +2492,11 @@ def _parser_passwd(sub: Any) -> None:
 
 
 def _parser_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="serve, fetch and bench in-process in a few seconds")
+    p = sub.add_parser(
+        "demo",
+        formatter_class=_HelpFormatter,
+        help="serve, fetch and bench in-process in a few seconds",
+    )
     p.add_argument("--maildir", metavar="DIR", help="keep the fetched mail in DIR")
     p.add_argument(
         "--bench-seconds",
@@ -2495,6 +2525,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
+        formatter_class=_HelpFormatter,
         description="POP3 server, fetcher and load generator built on the pop3proto engine.",
         epilog="Exit codes: 0 ok, 1 partial/failed, 2 usage, 3 auth failed, "
         "4 connection/TLS failed.",

@@ -30,6 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from peers import free_port, wire_form
 from pop3proto.bindings import cli
+from pop3proto.bindings._common import is_loopback
 from pop3proto.bindings._sync_client import connect
 from pop3proto.bindings.cli import PopUrl, UsageError, main, parse_address, parse_pop_url
 from pop3proto.bindings.maildrop import Maildir, MemoryMaildrop
@@ -189,6 +190,39 @@ def test_url_user_round_trips_through_escaping(user: str) -> None:
     url = parse_pop_url(f"pop3s://{quote(user, safe='')};AUTH=*@pop.example.org:995")
     assert url.user == user
     assert url.mechanism is None and url.tls
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", True),
+        ("127.255.0.9", True),
+        ("::1", True),
+        ("::1%lo", True),
+        ("0:0:0:0:0:0:0:1", True),
+        ("128.0.0.1", False),
+        ("10.0.0.1", False),
+        ("::2", False),
+        ("::ffff:127.0.0.1", False),
+        ("localhost", False),  # a name, not a literal: resolved elsewhere
+        ("127.0.0", False),
+        ("127.0.0.1.2", False),
+        ("", False),
+        ("127.0.0.1\x00", False),
+    ],
+)
+def test_is_loopback_literals(host: str, expected: bool) -> None:
+    assert is_loopback(host) is expected
+
+
+def test_help_is_sized_by_columns(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    def longest_line(columns: str) -> int:
+        monkeypatch.setenv("COLUMNS", columns)
+        assert cli.main(["fetch", "--help"]) == 0
+        return max(len(line) for line in capsys.readouterr().out.splitlines())
+
+    narrow, wide = longest_line("50"), longest_line("160")
+    assert narrow < 60 < 100 < wide <= 160
 
 
 def test_mechanism_for_login() -> None:
@@ -1245,6 +1279,47 @@ def test_fetch_subprocess(demo: tuple[MemoryMaildrop, int], tmp_path: Path) -> N
     assert SUMMARY.match(proc.stdout.strip())
     assert delivered(tmp_path / "md") == [wire_form(m) for m in DEMO]
     assert md.contents("demo") == []
+
+
+def test_plaintext_fetch_imports_nothing_it_does_not_use(
+    demo: tuple[MemoryMaildrop, int], tmp_path: Path
+) -> None:
+    """Start-up is most of a short fetch: a plaintext USER/PASS run loads
+    neither TLS, SASL, the maildrops, nor what argparse, URL decoding,
+    host name encoding or random names would pull in unasked."""
+    _md, port = demo
+    # Only what the run itself loads counts (an editable install's import
+    # hook, for one, loads pathlib and with it urllib.parse at start-up).
+    code = (
+        "import sys; before = set(sys.modules); from pop3proto.bindings import cli; "
+        "rc = cli.main(sys.argv[1:]); print(' '.join(sorted(set(sys.modules) - before))); "
+        "sys.exit(rc)"
+    )
+    env = dict(os.environ, POP3_PASSWORD="demo", HOME=str(tmp_path))
+    url = f"pop3://demo;AUTH=+USER@127.0.0.1:{port}"
+    args = ["fetch", url, "--maildir", str(tmp_path / "md"), "--no-stls", "--keep", "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(proc.stdout.split())
+    assert {"pop3proto.bindings._sync_client", "pop3proto.bindings.uidstore"} <= loaded
+    unwanted = {
+        "ssl",
+        "pop3proto._sasl",
+        "pop3proto.bindings.maildrop",
+        "shutil",
+        "secrets",
+        "urllib.parse",
+        "encodings.idna",
+        "ipaddress",
+    }
+    assert loaded & unwanted == set()
+    assert len(delivered(tmp_path / "md")) == len(DEMO)
 
 
 # ====================================================================== fetch: Dovecot

@@ -3,13 +3,14 @@ engine's ``ClientSession`` generators through the binding's own ``_run``."""
 
 from __future__ import annotations
 
+import inspect
 import ssl
-from collections.abc import Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from pop3proto import _requests as rq
-from pop3proto._client import CapaClosedError, ClientSession, Driver
+from pop3proto._client import CapaClosedError, ClientSession, Driver, MessageBoundary
 from pop3proto._events import Capabilities, Greeting
 from pop3proto._requests import TLSInfo
 
@@ -107,6 +108,43 @@ class AsyncClientMethods(ClientBase):
     async def retrieve(self, msg: int) -> bytes:
         """The whole message (un-stuffed, line ends as the server sent them)."""
         return await self._run(self._session.retrieve(msg))
+
+    async def retrieve_many_into(
+        self,
+        msgs: Iterable[int],
+        open_file: Callable[[int], Writable | Awaitable[Writable]],
+        window: int = 2,
+        on_complete: Callable[[int, int], object] | None = None,
+    ) -> int:
+        """Stream each message of ``msgs``, in order, into the file that
+        ``open_file(msg)`` returns (or, when it is a coroutine function,
+        gives) when the message begins; nothing is held in memory. Then
+        ``on_complete(msg, size)`` is called (and awaited when it returns
+        a coroutine). Pipelined like the blocking client's
+        ``retrieve_many_into``: the next message is asked for while one
+        streams. A message answered ``-ERR`` gets no file and raises
+        ``Pop3Error`` once the messages already asked for are delivered; if
+        ``open_file``, ``write`` or ``on_complete`` raises, the connection
+        is closed. Returns the number of messages delivered."""
+        file: Writable | None = None
+
+        async def opening(msg: int) -> None:
+            nonlocal file
+            opened = open_file(msg)
+            file = await opened if inspect.isawaitable(opened) else opened
+
+        def sink(req: rq.Request) -> object:
+            nonlocal file
+            if type(req) is rq.Deliver:
+                assert file is not None
+                return file.write(req.data)  # may return a coroutine
+            boundary = cast(MessageBoundary, req)
+            if boundary.size is None:
+                return opening(boundary.msg)
+            file = None
+            return None if on_complete is None else on_complete(boundary.msg, boundary.size)
+
+        return await self._run(self._session.retrieve_many_stream(msgs, window), sink)
 
     async def retrieve_into(self, msg: int, file: Writable) -> int:
         """Stream a message into ``file`` as it arrives; returns its size.

@@ -40,7 +40,13 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, TypeGuard, TypeVar, cast, overload
 
-from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
+from pop3proto._client import (
+    CapaClosedError,
+    ClientSession,
+    DeliverMessage,
+    Driver,
+    MessageBoundary,
+)
 from pop3proto._events import Capabilities, Greeting
 from pop3proto._limits import Limits
 from pop3proto._requests import (
@@ -229,7 +235,7 @@ class Client(ClientBase):
                     result = self._receive(req.timeout, deadline)  # type: ignore[attr-defined]
                 elif kind is Send:
                     self._send(req.data, deadline)  # type: ignore[attr-defined]
-                elif kind is Deliver or kind is DeliverMessage:
+                elif kind is Deliver or kind is DeliverMessage or kind is MessageBoundary:
                     yield req
                 elif kind is StartTLS:
                     result = self._starttls(deadline)
@@ -460,6 +466,39 @@ class Client(ClientBase):
             for req in it:
                 assert isinstance(req, DeliverMessage)
                 yield req.msg, req.data
+        finally:
+            it.close()
+
+    def retrieve_many_into(
+        self,
+        msgs: Iterable[int],
+        open_file: Callable[[int], _Writable],
+        window: int = 2,
+    ) -> Iterator[tuple[int, int]]:
+        """Stream each message of ``msgs``, in order, into the file that
+        ``open_file(msg)`` returns when the message begins (anything with
+        ``write(bytes)``; nothing is held in memory), and yield ``(msg,
+        size)`` once it is complete. Pipelined when the server offers
+        PIPELINING: with the default ``window`` of 2 the next message is
+        asked for while one streams, so the server does not wait between
+        large messages. A message answered ``-ERR`` gets no file and raises
+        ``Pop3Error`` after the messages already asked for were yielded. If
+        ``open_file`` or ``write`` raises, or the loop is left early, the
+        connection is closed."""
+        it = self._iterate(self._session.retrieve_many_stream(msgs, window), self._deadline())
+        try:
+            write: Callable[[bytes], object] | None = None
+            for req in it:
+                if type(req) is Deliver:
+                    assert write is not None
+                    write(req.data)
+                    continue
+                assert isinstance(req, MessageBoundary)
+                if req.size is None:
+                    write = open_file(req.msg).write
+                else:
+                    write = None
+                    yield req.msg, req.size
         finally:
             it.close()
 

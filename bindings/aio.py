@@ -56,7 +56,13 @@ from typing import Any, TypeVar, cast
 
 import pop3proto as p
 from pop3proto import _requests as rq
-from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
+from pop3proto._client import (
+    CapaClosedError,
+    ClientSession,
+    DeliverMessage,
+    Driver,
+    MessageBoundary,
+)
 from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 
@@ -748,7 +754,7 @@ class Client(AsyncClientMethods):
                         result = await self._receive(req.timeout, deadline)
                 elif isinstance(req, rq.Send):
                     await self._send(req.data, deadline)
-                elif isinstance(req, (rq.Deliver, DeliverMessage)):
+                elif isinstance(req, (rq.Deliver, DeliverMessage, MessageBoundary)):
                     yield req
                 elif isinstance(req, rq.StartTLS):
                     result = await self._starttls(deadline)

@@ -1731,8 +1731,9 @@ def _retrieve_all(
     result: FetchResult,
     err: IO[str],
 ) -> None:
-    """Retrieve ``msgs`` in order: runs of small messages pipelined
-    (``retrieve_many``), large ones streamed straight into ``tmp/``. Before
+    """Retrieve ``msgs`` in order, pipelined: runs of small messages held
+    whole (``retrieve_many``), runs of large ones streamed straight into
+    ``tmp/`` (``retrieve_many_into``). Before
     a run its file names go to the UID store as intents; each message, once
     written, goes to ``syncer`` to be made durable, and ``durable`` is told
     of those that are. A message answered ``-ERR`` counts as failed and the
@@ -1768,51 +1769,68 @@ def _retrieve_all(
         result.failed += 1
         _err(f"fetch: message {msg} not retrieved: {exc}", err)
 
-    def one(msg: int) -> None:
-        """Retrieve one small message on its own (after a pipelined -ERR)."""
+    def one(msg: int, big: bool) -> None:
+        """Retrieve one message on its own (after a pipelined -ERR)."""
+        if not big:
+            try:
+                data = client.retrieve(msg)
+            except Pop3Error as exc:
+                skip(msg, exc)
+                return
+            write(msg, data, names[msg])
+            return
+        tmp = delivery.begin(names[msg])
         try:
-            data = client.retrieve(msg)
-        except Pop3Error as exc:
+            size = client.retrieve_into(msg, tmp)
+        except BaseException as exc:
+            tmp.abort()
+            if not isinstance(exc, Pop3Error):
+                raise
             skip(msg, exc)
             return
-        write(msg, data, names[msg])
+        hand_over(msg, tmp, size)
+
+    def streamed(run: list[int], done: set[int]) -> None:
+        """Large messages, pipelined, each streamed into its file in tmp/."""
+        open_now: dict[int, _TmpMessage] = {}
+
+        def open_file(msg: int) -> _TmpMessage:
+            open_now[msg] = delivery.begin(names[msg])
+            return open_now[msg]
+
+        try:
+            for msg, size in client.retrieve_many_into(run, open_file):
+                hand_over(msg, open_now.pop(msg), size)
+                done.add(msg)
+        finally:
+            for tmp in open_now.values():  # cut short: never delivered
+                tmp.abort()
+
+    def whole(run: list[int], done: set[int]) -> None:
+        """Small messages, pipelined, each held whole and written at once."""
+        for msg, data in client.retrieve_many(run, window):
+            write(msg, data, names[msg])
+            done.add(msg)
 
     i = 0
     while i < len(msgs) and client.session.usable:
-        if sizes[msgs[i]] >= STREAM_THRESHOLD:
-            msg = msgs[i]
-            i += 1
-            name = _maildir_name()
-            intend([(msg, name)])
-            tmp = delivery.begin(name)
-            try:
-                size = client.retrieve_into(msg, tmp)
-            except BaseException as exc:
-                tmp.abort()
-                if not isinstance(exc, Pop3Error):
-                    raise
-                skip(msg, exc)
-                continue
-            hand_over(msg, tmp, size)
-            continue
+        big = sizes[msgs[i]] >= STREAM_THRESHOLD
         run: list[int] = []
-        while i < len(msgs) and sizes[msgs[i]] < STREAM_THRESHOLD:
+        while i < len(msgs) and (sizes[msgs[i]] >= STREAM_THRESHOLD) == big:
             run.append(msgs[i])
             i += 1
         names = {msg: _maildir_name() for msg in run}
         intend(list(names.items()))
         done: set[int] = set()
         try:
-            for msg, data in client.retrieve_many(run, window):
-                write(msg, data, names[msg])
-                done.add(msg)
+            (streamed if big else whole)(run, done)
         except Pop3Error:
             if not client.session.usable:
                 raise
             # Some RETR got -ERR: find out which, one at a time.
             for msg in run:
                 if msg not in done:
-                    one(msg)
+                    one(msg, big)
 
 
 def _delete(client: Client, msgs: list[int], window: int, err: IO[str]) -> list[int]:

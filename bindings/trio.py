@@ -56,7 +56,13 @@ import trio  # type: ignore[import-untyped,unused-ignore]  # typed from trio 0.2
 
 import pop3proto as p
 from pop3proto import _requests as rq
-from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
+from pop3proto._client import (
+    CapaClosedError,
+    ClientSession,
+    DeliverMessage,
+    Driver,
+    MessageBoundary,
+)
 from pop3proto._limits import Limits
 from pop3proto._requests import Pop3Error, Pop3TimeoutError, Pop3TLSError, TLSInfo
 
@@ -338,7 +344,7 @@ class _Operation(Generic[T]):
                     self.reply = await client._receive(cast(rq.Receive, req).timeout, self.deadline)
                 elif kind is rq.Send:
                     await client._send(cast(rq.Send, req).data, self.deadline)
-                elif kind is rq.Deliver or kind is DeliverMessage:
+                elif kind is rq.Deliver or kind is DeliverMessage or kind is MessageBoundary:
                     return req
                 elif kind is rq.StartTLS:
                     self.reply = await client._starttls(self.deadline)

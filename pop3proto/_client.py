@@ -22,6 +22,10 @@ Requests a client session yields, and what the binding sends back:
                       (``retrieve_stream``); result ``None``.
 ``DeliverMessage``    ``(msg, data)``: one whole message of a
                       ``retrieve_many`` batch, complete; result ``None``.
+``MessageBoundary``   ``(msg, size)``: in ``retrieve_many_stream``, message
+                      ``msg`` begins (``size`` None; its ``Deliver`` pieces
+                      follow) or is complete (``size`` its octets); result
+                      ``None``.
 ====================  =========================================================
 
 The command clock. ``Receive.timeout`` is *not* a per-read timeout: the
@@ -78,6 +82,7 @@ __all__ = [
     "ClientSession",
     "DeliverMessage",
     "Driver",
+    "MessageBoundary",
 ]
 
 T = TypeVar("T")
@@ -113,6 +118,20 @@ class DeliverMessage(Request):
 
     def __repr__(self) -> str:
         return f"DeliverMessage(msg={self.msg}, <{len(self.data)} octets>)"
+
+
+@attrs.frozen(repr=False)
+class MessageBoundary(Request):
+    """In a ``retrieve_many_stream`` batch: message ``msg`` begins (``size``
+    is None, and its pieces follow as ``Deliver``) or is complete (``size``
+    is its size in octets). Result ``None``."""
+
+    msg: int
+    size: int | None
+
+    def __repr__(self) -> str:
+        state = "begins" if self.size is None else f"complete, {self.size} octets"
+        return f"MessageBoundary(msg={self.msg}, {state})"
 
 
 class CapaClosedError(Pop3Error):
@@ -809,13 +828,27 @@ class ClientSession:
         for the first failure is raised. Returns the number delivered."""
         return (yield from self._guarded(self._batch(msgs, window, retrieve=True)))
 
+    def retrieve_many_stream(self, msgs: Iterable[int], window: int = 2) -> Driver[int]:
+        """``retrieve_many`` for messages too large to hold: each message is
+        streamed as ``MessageBoundary(msg, None)``, its pieces as
+        ``Deliver(data)`` as they arrive, then ``MessageBoundary(msg,
+        size)``. Pipelined like ``retrieve_many`` (the default ``window``
+        of 2 asks for the next message while one streams, so the server never
+        waits between them; nothing is held either way). A message answered
+        ``-ERR`` yields nothing; ``Pop3Error`` for the first failure is
+        raised once the replies already asked for are read. Returns the
+        number delivered."""
+        return (yield from self._guarded(self._batch(msgs, window, retrieve=True, stream=True)))
+
     def delete_many(self, msgs: Iterable[int], window: int = 16) -> Driver[int]:
         """``DELE`` each message of ``msgs``, pipelined like
         ``retrieve_many``. Raises ``Pop3Error`` for the first ``-ERR`` (after
         reading every outstanding reply). Returns the number marked."""
         return (yield from self._guarded(self._batch(msgs, window, retrieve=False)))
 
-    def _batch(self, msgs: Iterable[int], window: int, *, retrieve: bool) -> Driver[int]:
+    def _batch(
+        self, msgs: Iterable[int], window: int, *, retrieve: bool, stream: bool = False
+    ) -> Driver[int]:
         conn = self.conn
         if conn.state is not State.TRANSACTION:
             raise LocalProtocolError("batches are only possible in the TRANSACTION state")
@@ -849,7 +882,11 @@ class ClientSession:
                 if failure is None:
                     failure = Pop3Error(event.text, event.code)
                 continue
-            if retrieve:
+            if stream:
+                yield MessageBoundary(msg, None)
+                _, size = yield from self._body(True)
+                yield MessageBoundary(msg, size)
+            elif retrieve:
                 data, _ = yield from self._body(False)
                 yield DeliverMessage(msg, data)
             done += 1

@@ -857,6 +857,20 @@ def test_client_against_our_server_every_message(
             sink = io.BytesIO()
             assert await client.retrieve_into(6, sink) == len(b.expected[5])
             assert sink.getvalue() == b.expected[5]
+            files: dict[int, io.BytesIO] = {}
+            completed: list[tuple[int, int]] = []
+
+            def open_file(n: int) -> io.BytesIO:  # a plain function
+                files[n] = io.BytesIO()
+                return files[n]
+
+            wanted = [4, 2, 7, 12]
+            delivered = await client.retrieve_many_into(
+                wanted, open_file, on_complete=lambda n, size: completed.append((n, size))
+            )
+            assert delivered == len(wanted)
+            assert completed == [(n, len(b.expected[n - 1])) for n in wanted]
+            assert [files[n].getvalue() for n in wanted] == [b.expected[n - 1] for n in wanted]
             await client.noop()
             await client.delete(1)
             await client.reset()

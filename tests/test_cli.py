@@ -1115,12 +1115,17 @@ def test_fetch_message_cut_mid_body_is_neither_delivered_nor_deleted(
     ]
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["held", "streamed"])
 def test_fetch_err_for_one_message_keeps_it_and_delivers_the_rest(
     scripted: Callable[[dict[int, str]], ScriptedServer],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     password: None,
+    monkeypatch: pytest.MonkeyPatch,
+    streamed: bool,
 ) -> None:
+    if streamed:  # every message counts as large: pipelined into files
+        monkeypatch.setattr(cli, "STREAM_THRESHOLD", 1)
     srv = scripted({2: "err"})
     code, out, err = fetch(capsys, f"pop3://u@127.0.0.1:{srv.port}", tmp_path / "md")
     assert code == 1

@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 
 import pop3proto as p
 from pop3proto._auth import PasswordTable
-from pop3proto._client import CapaClosedError, ClientSession, DeliverMessage, Driver
+from pop3proto._client import (
+    CapaClosedError,
+    ClientSession,
+    DeliverMessage,
+    Driver,
+    MessageBoundary,
+)
 from pop3proto._requests import (
     TIMED_OUT,
     Deliver,
@@ -291,6 +297,27 @@ class Run:
         self.requests: list[Any] = []
         self.chunks: list[bytes] = []
         self.messages: list[tuple[int, bytes]] = []
+        self.boundaries: list[tuple[int, int | None]] = []
+
+    def streamed(self) -> dict[int, bytes]:
+        """The messages of a ``retrieve_many_stream``, rebuilt from the
+        requests in the order they came (checking that every piece falls
+        between its message's two boundaries)."""
+        got: dict[int, bytes] = {}
+        current: int | None = None
+        for req in self.requests:
+            if isinstance(req, MessageBoundary):
+                if req.size is None:
+                    assert current is None and req.msg not in got
+                    current, got[req.msg] = req.msg, b""
+                else:
+                    assert current == req.msg and req.size == len(got[req.msg])
+                    current = None
+            elif isinstance(req, Deliver):
+                assert current is not None
+                got[current] += req.data
+        assert current is None
+        return got
 
 
 def drive(
@@ -336,6 +363,8 @@ def drive(
             run.chunks.append(req.data)
         elif isinstance(req, DeliverMessage):
             run.messages.append((req.msg, req.data))
+        elif isinstance(req, MessageBoundary):
+            run.boundaries.append((req.msg, req.size))
         else:  # pragma: no cover
             raise AssertionError(req)
 
@@ -1029,6 +1058,50 @@ def test_retrieve_many_error_drains_then_raises() -> None:
     assert got == [1, 2, 3, 4, 5]
     assert session.usable
     assert drive(session.retrieve(5), server).result == crlf(msgs[4])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_retrieve_many_stream_asks_for_the_next_while_one_streams(mode: str) -> None:
+    msgs = [message(i, 3000) for i in range(1, 7)]
+    server = FakeServer(msgs)
+    session = logged_in(server)
+    run = drive(session.retrieve_many_stream([2, 4, 6, 1]), server, mode=mode)
+    got = run.streamed()
+    assert list(got) == [2, 4, 6, 1]
+    assert all(got[n] == crlf(msgs[n - 1]) for n in got)
+    assert run.result == 4
+    assert run.messages == []  # nothing was held whole
+    sends = [r.data for r in run.requests if isinstance(r, Send)]
+    assert sends[0].count(b"RETR ") == 2
+    retrs = [line for line in server.sent_lines() if line.startswith(b"RETR")]
+    assert retrs == [b"RETR 2", b"RETR 4", b"RETR 6", b"RETR 1"]
+
+
+def test_retrieve_many_stream_error_drains_then_raises() -> None:
+    msgs = [message(i, 2000) for i in range(1, 4)]
+    server = FakeServer(msgs)
+    session = logged_in(server)
+    requests: list[object] = []
+    with pytest.raises(Pop3Error, match="no such message"):
+        drive(session.retrieve_many_stream([1, 9, 2, 3]), server, on_request=requests.append)
+    partial = Run()
+    partial.requests = requests
+    got = partial.streamed()
+    # RETR 2 was asked for before the -ERR to 9 was read: delivered; 3 not.
+    assert list(got) == [1, 2] and got[2] == crlf(msgs[1])
+    retrs = [line for line in server.sent_lines() if line.startswith(b"RETR")]
+    assert retrs == [b"RETR 1", b"RETR 9", b"RETR 2"]
+    assert session.usable
+
+
+def test_retrieve_many_stream_without_pipelining_is_one_at_a_time() -> None:
+    msgs = [message(i) for i in range(1, 4)]
+    server = FakeServer(msgs, pipelining=False)
+    session = logged_in(server)
+    run = drive(session.retrieve_many_stream([3, 1]), server)
+    assert list(run.streamed()) == [3, 1]
+    sends = [r.data for r in run.requests if isinstance(r, Send)]
+    assert all(s.count(b"RETR ") <= 1 for s in sends)
 
 
 def test_delete_many_pipelined() -> None:

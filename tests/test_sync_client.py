@@ -566,6 +566,35 @@ def test_large_messages_every_way(dovecot: DovecotServer, dovecot_ctx: ssl.SSLCo
 
 
 @pytest.mark.peers
+def test_large_messages_pipelined_into_files(
+    dovecot: DovecotServer, dovecot_ctx: ssl.SSLContext
+) -> None:
+    manifest = dovecot.fill("bigmany", 4, 700_000)
+    files: dict[int, io.BytesIO] = {}
+
+    def open_file(msg: int) -> io.BytesIO:
+        assert msg not in files and all(f.tell() for f in files.values())
+        files[msg] = io.BytesIO()
+        return files[msg]
+
+    with _open(dovecot, dovecot_ctx) as c:
+        c.login("bigmany", "secret")
+        done = list(c.retrieve_many_into([4, 2, 3, 1], open_file))
+        assert [n for n, _ in done] == [4, 2, 3, 1]
+        for n, size in done:
+            assert size == manifest[n].returned_size
+            assert manifest.matches(n, files[n].getvalue())
+        assert c.stat()[0] == 4  # still usable
+
+        def no_room(msg: int) -> io.BytesIO:
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError, match="No space"):
+            list(c.retrieve_many_into([1, 2], no_room))
+        assert c.closed
+
+
+@pytest.mark.peers
 def test_starttls_with_dovecot(dovecot: DovecotServer, dovecot_ctx: ssl.SSLContext) -> None:
     manifest = dovecot.fill("stls", 12, 3000)
     with connect(

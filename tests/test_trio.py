@@ -804,6 +804,21 @@ async def fetch_everything(client: tc.Client, count: int) -> dict[str, Any]:
         assert size == len(sink.getvalue())
         into.append(sha(sink.getvalue()))
     out["retrieve_into"] = into
+    files: dict[int, io.BytesIO] = {}
+    sizes: dict[int, int] = {}
+
+    async def open_file(n: int) -> io.BytesIO:  # a coroutine function
+        files[n] = io.BytesIO()
+        return files[n]
+
+    async def complete(n: int, size: int) -> None:
+        assert size == len(files[n].getvalue())
+        sizes[n] = size
+
+    wanted = range(count, 0, -1)
+    assert await client.retrieve_many_into(wanted, open_file, on_complete=complete) == count
+    assert list(sizes) == list(wanted)
+    out["retrieve_many_into"] = [sha(files[n].getvalue()) for n in range(1, count + 1)]
     out["retrieve_many"] = [
         (msg, sha(data)) async for msg, data in client.retrieve_many(range(1, count + 1))
     ]
@@ -817,7 +832,7 @@ def check_everything(got: dict[str, Any], expected_sha: list[str], sizes: list[i
     assert got["list"] == dict(enumerate(sizes, 1))
     assert got["list1"] == sizes[0]
     assert len(set(got["uidl"].values())) == count and got["uidl1"] == got["uidl"][1]
-    for key in ("retrieve", "iter_retrieve", "retrieve_into"):
+    for key in ("retrieve", "iter_retrieve", "retrieve_into", "retrieve_many_into"):
         assert got[key] == expected_sha, key
     assert got["retrieve_many"] == list(enumerate(expected_sha, 1))
     top: bytes = got["top"]

@@ -523,12 +523,15 @@ class Maildir:
     """
 
     #: How many Maildirs' listings one ``Maildir`` object remembers (see
-    #: ``_listing``); the oldest is forgotten first.
+    #: ``_listing``), and how many messages in all they may hold (a few
+    #: hundred octets each); the oldest listing is forgotten first.
     LISTINGS_KEPT = 4096
+    LISTED_MESSAGES_KEPT = 200_000
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = os.fspath(root)
         self._listings: dict[tuple[int, int], _Listing] = {}
+        self._listed = 0  # messages in self._listings
         self._listings_lock = threading.Lock()
 
     @property
@@ -611,12 +614,20 @@ class Maildir:
         if kept is not None and kept.stamp == stamp:
             return kept.messages, kept.entries
         messages, entries = _list(dir_fd, sub_fds)
-        if all(now - mtime >= _SETTLED_NS for _, mtime in stamp):
-            with self._listings_lock:
-                self._listings.pop(ident, None)
+        settled = all(now - mtime >= _SETTLED_NS for _, mtime in stamp)
+        with self._listings_lock:
+            old = self._listings.pop(ident, None)
+            if old is not None:
+                self._listed -= len(old.messages)
+            if settled and len(messages) <= self.LISTED_MESSAGES_KEPT:
                 self._listings[ident] = _Listing(stamp, messages, entries)
-                while len(self._listings) > self.LISTINGS_KEPT:
-                    del self._listings[next(iter(self._listings))]
+                self._listed += len(messages)
+                while (
+                    len(self._listings) > self.LISTINGS_KEPT
+                    or self._listed > self.LISTED_MESSAGES_KEPT
+                ):
+                    oldest = next(iter(self._listings))
+                    self._listed -= len(self._listings.pop(oldest).messages)
         return messages, entries
 
     @staticmethod

@@ -1175,3 +1175,27 @@ def test_listings_kept_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with drop.open("u0"):
         pass
     assert len(calls) == 1  # u5 kept, u0 forgotten
+
+
+def test_messages_in_kept_listings_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Maildir, "LISTED_MESSAGES_KEPT", 5)
+    drop = Maildir(tmp_path)
+    for user, count in (("a", 2), ("b", 2), ("c", 3), ("big", 6)):
+        for i in range(count):
+            put(tmp_path, f"{i}.M{i}.h", b"x\n", user=user)
+        _age_directories(tmp_path / user)
+        with drop.open(user):
+            pass
+    # c (3) pushed a out; big (6) is over the bound alone: not kept.
+    assert drop._listed == 5
+    calls = count_listings(monkeypatch)
+    for user in ("b", "c"):
+        with drop.open(user):
+            pass
+    assert calls == []
+    for user in ("a", "big"):
+        with drop.open(user):
+            pass
+    assert len(calls) == 2

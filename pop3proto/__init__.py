@@ -70,11 +70,11 @@ from ._requests import (
     Pop3TLSError,
     TLSInfo,
 )
-from ._session import Mailbox, Retrieve, TopFilter, Update, wire_size
 from ._state import State
 
 if TYPE_CHECKING:
     from ._server import ConnectionLimiter, ServerConfig, SessionSummary, serve_session
+    from ._session import Mailbox, Retrieve, TopFilter, Update, wire_size
 from ._util import (
     NEED_DATA,
     PAUSED,
@@ -86,19 +86,39 @@ from ._util import (
 
 __version__ = "0.1.0"
 
-# The server driver (and what only a server needs) loads on first use, so a
-# client pays nothing for it at start-up.
-_LAZY = frozenset({"ConnectionLimiter", "ServerConfig", "SessionSummary", "serve_session"})
+# The server driver and the maildrop rules (what only a server needs) load on
+# first use, so a client pays nothing for them at start-up.
+_LAZY = {
+    "ConnectionLimiter": "_server",
+    "ServerConfig": "_server",
+    "SessionSummary": "_server",
+    "serve_session": "_server",
+    "Mailbox": "_session",
+    "Retrieve": "_session",
+    "TopFilter": "_session",
+    "Update": "_session",
+    "wire_size": "_session",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'pop3proto' has no attribute {name!r}")
+    if where == "_server":
         from . import _server
 
         value = getattr(_server, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pop3proto' has no attribute {name!r}")
+    else:
+        from . import _session
+
+        value = getattr(_session, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -1316,6 +1316,8 @@ def test_plaintext_fetch_imports_nothing_it_does_not_use(
     unwanted = {
         "ssl",
         "pop3proto._sasl",
+        "pop3proto._server",
+        "pop3proto._session",
         "pop3proto.bindings.maildrop",
         "shutil",
         "secrets",

@@ -124,15 +124,18 @@ class MaildropRunner:
         return isinstance(request, (rq.OpenMaildrop, rq.OpenMessage, rq.Commit))
 
     def may_block(self, request: rq.Request) -> bool:
-        """Whether carrying out ``request`` can wait on the disk (an event
-        loop may then hand it to a worker thread): never for an in-memory
-        maildrop, nor for an UPDATE with nothing to remove (it only releases
+        """Whether an event loop should hand ``request`` to a worker thread:
+        only an UPDATE that removes messages from a maildrop on disk (unlinks
+        and fsyncs can stall on a busy disk). Opening a maildrop and reading
+        a message are short local work (its index, its directories, one
+        file): a hop through a thread costs more than they do, so they run
+        inline, as does an UPDATE with nothing to remove (it only releases
         the lock)."""
-        if isinstance(self.maildrop, _maildrop_classes()[2]):
-            return False
-        if isinstance(request, rq.Commit) and not request.indexes:
-            return False
-        return self.handles(request)
+        return (
+            isinstance(request, rq.Commit)
+            and bool(request.indexes)
+            and not isinstance(self.maildrop, _maildrop_classes()[2])
+        )
 
     def run(self, request: rq.Request) -> Any:
         # The maildrop's error classes are looked up only when something

@@ -416,11 +416,7 @@ class _ServerConnection(_Pipe):
         )
 
     async def _maildrop(self, runner: MaildropRunner, request: rq.Request) -> Any:
-        # Opening a maildrop reads its index and directories, like reading a
-        # message: short local work, done inline (a hop through the thread
-        # pool cost more than the work itself). A commit unlinks and fsyncs,
-        # which can stall on a busy disk: that goes to a worker thread.
-        if not isinstance(request, rq.Commit) or not runner.may_block(request):
+        if not runner.may_block(request):
             return runner.run(request)
         job = self._loop.run_in_executor(None, runner.run, request)
         self._busy = job

@@ -1752,8 +1752,8 @@ def _retrieve_all(
         syncer.submit(msg, tmp)
         durable(syncer.take())
 
-    def write(msg: int, data: bytes, name: str) -> None:
-        tmp = delivery.begin(name)
+    def write(msg: int, data: bytes) -> None:
+        tmp = delivery.begin(names[msg])
         try:
             tmp.write(data)
         except BaseException:
@@ -1768,27 +1768,6 @@ def _retrieve_all(
             raise exc
         result.failed += 1
         _err(f"fetch: message {msg} not retrieved: {exc}", err)
-
-    def one(msg: int, big: bool) -> None:
-        """Retrieve one message on its own (after a pipelined -ERR)."""
-        if not big:
-            try:
-                data = client.retrieve(msg)
-            except Pop3Error as exc:
-                skip(msg, exc)
-                return
-            write(msg, data, names[msg])
-            return
-        tmp = delivery.begin(names[msg])
-        try:
-            size = client.retrieve_into(msg, tmp)
-        except BaseException as exc:
-            tmp.abort()
-            if not isinstance(exc, Pop3Error):
-                raise
-            skip(msg, exc)
-            return
-        hand_over(msg, tmp, size)
 
     def streamed(run: list[int], done: set[int]) -> None:
         """Large messages, pipelined, each streamed into its file in tmp/."""
@@ -1809,7 +1788,7 @@ def _retrieve_all(
     def whole(run: list[int], done: set[int]) -> None:
         """Small messages, pipelined, each held whole and written at once."""
         for msg, data in client.retrieve_many(run, window):
-            write(msg, data, names[msg])
+            write(msg, data)
             done.add(msg)
 
     i = 0
@@ -1830,7 +1809,10 @@ def _retrieve_all(
             # Some RETR got -ERR: find out which, one at a time.
             for msg in run:
                 if msg not in done:
-                    one(msg, big)
+                    try:
+                        (streamed if big else whole)([msg], done)
+                    except Pop3Error as exc:
+                        skip(msg, exc)
 
 
 def _delete(client: Client, msgs: list[int], window: int, err: IO[str]) -> list[int]:
@@ -2281,10 +2263,18 @@ class _HelpFormatter(argparse.HelpFormatter):
         super().__init__(prog, width=_terminal_columns() - 2)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser with that formatter; its subcommands' parsers are
+    of the same class, so they have it too."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        kw.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kw)
+
+
 def _parser_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
-        formatter_class=_HelpFormatter,
         help="run a POP3 server",
         description="Run a POP3 server. "
         "Without --maildir it serves an embedded demo maildrop "
@@ -2364,7 +2354,6 @@ def _parser_serve(sub: Any) -> None:
 def _parser_fetch(sub: Any) -> None:
     p = sub.add_parser(
         "fetch",
-        formatter_class=_HelpFormatter,
         help="download a maildrop into a Maildir, safely",
         description="Download messages into a Maildir: each message is on disk "
         "and fsynced, and its UID recorded, before it is deleted on the server. "
@@ -2430,7 +2419,6 @@ def _parser_fetch(sub: Any) -> None:
 def _parser_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
-        formatter_class=_HelpFormatter,
         help="load-test a POP3 server (loopback unless --allow-remote)",
         description="Concurrent sessions of connect, login, STAT, UIDL, "
         "RETR 1..K, QUIT; reports sessions/s, MB/s and latency percentiles.",
@@ -2492,7 +2480,6 @@ def _parser_bench(sub: Any) -> None:
 def _parser_passwd(sub: Any) -> None:
     p = sub.add_parser(
         "passwd",
-        formatter_class=_HelpFormatter,
         help="set a user's password in a credential file",
         description="Write USER's line with SCRAM-SHA-256 and SCRAM-SHA-1 "
         "verifiers (no plaintext). The password is read from standard input "
@@ -2512,7 +2499,6 @@ def _parser_passwd(sub: Any) -> None:
 def _parser_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
-        formatter_class=_HelpFormatter,
         help="serve, fetch and bench in-process in a few seconds",
     )
     p.add_argument("--maildir", metavar="DIR", help="keep the fetched mail in DIR")
@@ -2541,9 +2527,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     which is all a run of it needs and spares building the others)."""
     from pop3proto import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
-        formatter_class=_HelpFormatter,
         description="POP3 server, fetcher and load generator built on the pop3proto engine.",
         epilog="Exit codes: 0 ok, 1 partial/failed, 2 usage, 3 auth failed, "
         "4 connection/TLS failed.",

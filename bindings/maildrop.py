@@ -945,16 +945,16 @@ class _MaildirSession(MaildropSession):
             # gives a short read only at its end, so getting exactly the
             # listed size is the whole file. (Asking for ``limit`` octets
             # instead would allocate and shrink a large buffer per message.)
-            first = os.read(fd, entry.disk_size + 1)
-            if len(first) == entry.disk_size:
-                return first
+            part = os.read(fd, entry.disk_size + 1)
+            if len(part) == entry.disk_size:
+                return part
             # Changed since it was listed: read on to its end, up to ``limit``.
-            parts = [first]
-            got = len(first)
-            while first and got <= limit:
-                first = os.read(fd, limit + 1 - got)
-                parts.append(first)
-                got += len(first)
+            parts = [part]
+            got = len(part)
+            while part and got <= limit:
+                part = os.read(fd, limit + 1 - got)
+                parts.append(part)
+                got += len(part)
         except OSError:
             return None
         finally:

@@ -274,7 +274,7 @@ class Server(ServerBase):
                 elif isinstance(req, rq.Sleep):
                     await trio.sleep(req.seconds)
                 elif runner.may_block(req):
-                    # Maildrop calls may block on the disk (listing, fsync, rename).
+                    # Removals unlink and fsync: off the trio thread.
                     result = await trio.to_thread.run_sync(runner.run, req)
                 elif runner.handles(req):
                     result = runner.run(req)

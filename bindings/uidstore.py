@@ -295,8 +295,12 @@ class UidStore:
         store is rewritten (temporary file, fsync, rename, fsync of the
         directory). Does nothing when nothing changed. Raises ``UidStoreError``."""
         self._check_open()
-        if not self._dirty:
-            return
+        if self._dirty:
+            self._replace()
+
+    def _replace(self) -> None:
+        """Write the store anew from memory (every UID, no intents) and go on
+        appending to the new file. Raises ``UidStoreError``."""
         try:
             self._rewrite()
             self._open_append()
@@ -311,9 +315,8 @@ class UidStore:
         except OSError as exc:
             # A partial line may be on disk: drop it now so the next append
             # cannot glue onto it (a reload would drop it as torn anyway).
-            with contextlib.suppress(OSError):
-                self._rewrite()
-                self._open_append()
+            with contextlib.suppress(UidStoreError):
+                self._replace()
             raise UidStoreError(f"UID store {self.path}: {exc.strerror or exc}") from exc
 
     def prune(self, keep: Iterable[str]) -> int:
@@ -326,12 +329,7 @@ class UidStore:
             return 0
         for uid in dropped:
             del self._entries[uid]
-        try:
-            self._rewrite()
-            self._open_append()
-        except OSError as exc:
-            raise UidStoreError(f"UID store {self.path}: {exc.strerror or exc}") from exc
-        self._dirty = False
+        self._replace()
         return len(dropped)
 
     def close(self) -> None:

@@ -108,7 +108,7 @@ _FINAL_AUTH_CODES = ("AUTH", "IN-USE", "LOGIN-DELAY", "SYS")
 _CB_PREFERENCE = ("tls-exporter", "tls-unique", "tls-server-end-point")
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(eq=False, repr=False)
 class DeliverMessage(Request):
     """One message of a ``retrieve_many`` batch, complete and in order: hand
     ``(msg, data)`` to the caller. Result ``None``."""
@@ -120,7 +120,7 @@ class DeliverMessage(Request):
         return f"DeliverMessage(msg={self.msg}, <{len(self.data)} octets>)"
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(eq=False, repr=False)
 class MessageBoundary(Request):
     """In a ``retrieve_many_stream`` batch: message ``msg`` begins (``size``
     is None, and its pieces follow as ``Deliver``) or is complete (``size``

@@ -357,6 +357,12 @@ class _MemorySession(MaildropSession):
         info = self._index(index)
         return io.BytesIO(self._data[info.key])
 
+    def read_small(self, index: int, limit: int) -> bytes | None:
+        """The whole message when it has at most ``limit`` octets, else None
+        (as :meth:`Maildir`'s sessions: a server sends it in one piece)."""
+        data = self._data[self._index(index).key]
+        return data if len(data) <= limit else None
+
     def commit(self, keys: Iterable[str]) -> None:
         if self._closed:
             raise MaildropError("maildrop session is closed")

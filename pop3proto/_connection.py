@@ -304,7 +304,12 @@ class Connection:
             return None
         if i + 1 - buf.start > limit:
             raise LimitExceeded(limit_name, limit)
-        line = buf.take(i + 1)
+        return self._take_line(i)
+
+    def _take_line(self, i: int) -> bytes:
+        """Consume the line ending at ``raw[i]`` (an LF); return it without
+        its line end."""
+        line = self._buf.take(i + 1)
         end = len(line) - 1
         if end and line[end - 1] == 0x0D:
             end -= 1
@@ -717,6 +722,11 @@ class Connection:
     def _read_command_line(self) -> bytes | None:
         buf = self._buf
         limit = self.limits.max_line
+        i = buf.find_line_end()
+        if 0 <= i < buf.start + limit:
+            return self._take_line(i)  # the common case: a whole, short line
+        if i < 0 and len(buf) < limit and not self._eof:
+            return None  # and the next most common: waiting for more
         # AUTH carries an initial response that may exceed the command limit
         # (RFC 5034 §4, OAuth tokens): give it the SASL limit.
         head = bytes(buf.raw[buf.start : buf.start + 5]).upper()
@@ -787,6 +797,26 @@ class Connection:
         self._session.greeting(ok)
         return data
 
+    def _send_whole_message(self, data: bytes) -> bytes:
+        """Server: the bytes of ``send(MessageStart("message follows"))``,
+        ``send(Data(data))`` and ``send(EndOfMessage())`` together, for a
+        message held whole in memory (most messages a server sends are
+        small): one call and one set of checks instead of three."""
+        cmd = self._current
+        if (
+            self._error is not None
+            or self.our_role is not SERVER
+            or not self._greeted
+            or self._sending_body
+            or self._err_only
+            or cmd is None
+            or not _expects_body(cmd)
+        ):
+            raise LocalProtocolError("no command is waiting for a message")
+        body, state = _core.stuff(data, _core.LINE_START)
+        self._reply_done(cmd, True)
+        return b"".join((_MESSAGE_FOLLOWS, body, _core.stuff_end(state)))
+
     def _send_body(self, event: ev.Event) -> bytes:
         if isinstance(event, ev.Data):
             out, self._stuff_state = _core.stuff(event.data, self._stuff_state)
@@ -798,6 +828,9 @@ class Connection:
             self._reply_done(cmd, True)
             return _core.stuff_end(self._stuff_state)
         raise LocalProtocolError("only Data or EndOfMessage may follow MessageStart")
+
+
+_MESSAGE_FOLLOWS = _wire.format_status(True, "message follows", None)
 
 
 def _core_entry(rest: bytes, numeric: bool) -> tuple[int, int | bytes]:

@@ -391,6 +391,15 @@ class _Session:
         if chunks is None:
             yield from self.reply(ev.Err("message unavailable", _SYS_TEMP))
             return
+        if action.top_lines is None and type(chunks) is tuple and len(chunks) == 1:
+            # The whole message in one piece (a small one): one engine call.
+            data = chunks[0]
+            if self.config.outlook_no_nuls:
+                data = data.replace(b"\0", b"\x80")
+            self.summary.octets += len(data)
+            self.summary.retrieved += 1
+            yield from self.emit(self.conn._send_whole_message(data))
+            return
         cut = TopFilter(action.top_lines) if action.top_lines is not None else None
         yield from self.reply(ev.MessageStart("message follows"))
         try:

@@ -26,6 +26,10 @@ class State(enum.Enum):
     CLOSED = "CLOSED"
     ERROR = "ERROR"
 
+    # Members are singletons compared by identity: hash them by identity too
+    # (Enum's own __hash__ is Python code, run on every state-table lookup).
+    __hash__ = object.__hash__
+
 
 _A = State.AUTHORIZATION
 _T = State.TRANSACTION

@@ -1204,6 +1204,46 @@ class TestRoundTrip:
             )
 
     @HSETTINGS
+    @given(body=st.binary(max_size=300), top=st.booleans())
+    def test_whole_message_send_equals_three_sends(self, body: bytes, top: bool) -> None:
+        """The server's one-call path for a message held whole gives the
+        same octets and leaves the same state as MessageStart, Data,
+        EndOfMessage sent one by one."""
+        cmd = p.Top(1, 0) if top else p.Retr(1)
+        wires = []
+        for whole in (False, True):
+            conn = logged_in_server()
+            conn.receive_data(b"TOP 1 0\r\nNOOP\r\n" if top else b"RETR 1\r\nNOOP\r\n")
+            assert conn.next_event() == cmd
+            if whole:
+                wire = conn._send_whole_message(body)
+            else:
+                wire = conn.send(p.MessageStart("message follows"))
+                wire += conn.send(p.Data(body)) + conn.send(p.EndOfMessage())
+            wires.append(wire)
+            # The reply is complete: the next command is read and answered.
+            assert conn.next_event() == p.Noop()
+            assert conn.send(p.Ok()) == b"+OK\r\n"
+        assert wires[0] == wires[1]
+
+    def test_whole_message_send_refused_when_no_message_is_due(self) -> None:
+        conn = logged_in_server()
+        with pytest.raises(p.LocalProtocolError):
+            conn._send_whole_message(b"x")  # no command at all
+        conn.receive_data(b"STAT\r\nRETR 1\r\n")
+        assert conn.next_event() == p.Stat()
+        with pytest.raises(p.LocalProtocolError):
+            conn._send_whole_message(b"x")  # STAT wants a drop listing
+        conn.send(p.DropListing(1, 1))
+        assert conn.next_event() == p.Retr(1)
+        conn.send(p.MessageStart())
+        with pytest.raises(p.LocalProtocolError):
+            conn._send_whole_message(b"x")  # a body is already under way
+        client = p.Connection(p.CLIENT)
+        with pytest.raises(p.LocalProtocolError):
+            client._send_whole_message(b"x")
+
+    @HSETTINGS
     @given(
         entries=st.lists(
             st.tuples(st.integers(1, 2**31 - 1), st.integers(0, 2**63 - 1)),

@@ -1034,6 +1034,16 @@ def test_memory_contents_reflect_commits() -> None:
     assert drop.contents("nobody") == []
 
 
+def test_memory_read_small_matches_open_message_and_declines_large() -> None:
+    drop = MemoryMaildrop({"u": [b"small\n", b"y" * 300]})
+    with drop.open("u") as s:
+        assert s.read_small(0, 6) == read_all(s, 0) == b"small\n"
+        assert s.read_small(0, 5) is None
+        assert s.read_small(1, 300) == read_all(s, 1)
+        with pytest.raises(IndexError):
+            s.read_small(2, 100)
+
+
 def test_read_small_matches_open_message_and_declines_the_rest(tmp_path: Path) -> None:
     """The server's fast path for small messages: the same bytes as
     ``open_message``, or None (too large, renamed, swapped for a symlink)

@@ -465,7 +465,10 @@ runpy.run_path(script, run_name="__main__")
 
 
 def _getmail(which: str, dovecot: DovecotServer, user: str, tls: bool) -> list[bytes]:
-    script = shutil.which("getmail")
+    # getmail6 installed alongside this interpreter (a venv's bin/), else on PATH.
+    script = shutil.which("getmail", path=os.path.dirname(sys.executable)) or shutil.which(
+        "getmail"
+    )
     if script is None:
         pytest.skip("getmail6 is not installed (pip install getmail6)")
     # As root getmail delivers as another user, who must reach the Maildir:

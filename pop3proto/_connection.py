@@ -475,6 +475,10 @@ class Connection:
 
     def _client_body(self) -> NextEvent:
         buf = self._buf
+        if not len(buf):  # everything received was used: wait for more
+            if self._eof:
+                raise self._fail("connection closed in the middle of a message")
+            return NEED_DATA
         raw = buf.raw
         data, stop, done, self._line_start = _core.unstuff(
             raw, buf.start, len(raw), self._line_start

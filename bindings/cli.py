@@ -574,6 +574,8 @@ def _serve_setup(args: argparse.Namespace) -> _ServeSetup:
         extra["limiter"] = ConnectionLimiter(
             **{key: value for key, value in caps.items() if value is not None}
         )
+    for name in args.workaround:
+        extra[_WORKAROUNDS[name]] = True
     config = ServerConfig(
         authenticator=authenticator,
         hostname=args.hostname or socket.gethostname() or "localhost",
@@ -587,6 +589,10 @@ def _serve_setup(args: argparse.Namespace) -> _ServeSetup:
     )
     cert_der = server_certificate_der(args.cert) if args.cert else None
     return _ServeSetup(maildrop, config, listen, tls_listen, ctx, cert_der, demo)
+
+
+#: ``serve --workaround`` names (Dovecot's) and the ServerConfig switches.
+_WORKAROUNDS = {"outlook-no-nuls": "outlook_no_nuls", "oe-ns-eoh": "oe_ns_eoh"}
 
 
 def _bound(
@@ -2327,6 +2333,14 @@ def _parser_serve(sub: Any) -> None:
         help="delay after a failed login (default 2 s, doubling)",
     )
     p.add_argument("--hostname", help="name in APOP timestamps (default: this host)")
+    p.add_argument(
+        "--workaround",
+        action="append",
+        default=[],
+        choices=sorted(_WORKAROUNDS),
+        help="a client workaround, as Dovecot's pop3_client_workarounds (repeatable): "
+        "outlook-no-nuls sends NUL octets as 0x80, oe-ns-eoh adds a missing header end",
+    )
     p.add_argument(
         "--max-per-address",
         type=int,

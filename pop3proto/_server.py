@@ -136,6 +136,12 @@ class ServerConfig:
     #: Dovecot's ``outlook-no-nuls`` workaround (PROTOCOL §12): send each NUL
     #: in a message as 0x80, for clients that hang on NUL. Size-preserving.
     outlook_no_nuls: bool = False
+    #: Dovecot's ``oe-ns-eoh`` workaround (PROTOCOL §12): Outlook Express and
+    #: Netscape Mail break on a message without the empty line that ends its
+    #: header section; RETR and TOP add it where it is missing. Unlike
+    #: Dovecot, LIST and STAT count those two octets: each message's start is
+    #: read once at login to find out (only when this is on).
+    oe_ns_eoh: bool = False
     failure_delay: FailureDelay = attrs.field(factory=FailureDelay)
     limiter: ConnectionLimiter = attrs.field(factory=ConnectionLimiter)
     limits: Limits = attrs.field(factory=Limits)
@@ -280,12 +286,39 @@ class _Session:
             else:
                 yield from self.reply(ev.Err("maildrop unavailable", _SYS_TEMP))
             return
+        if self.config.oe_ns_eoh:
+            result = yield from self.header_end_sizes(result)
         self.mailbox = Mailbox(result)
         self.user = user
         self.summary.user = user
         self.config.failure_delay.record_success(self.peer)
         n = self.mailbox.count
         yield from self.reply(ev.Ok(f"maildrop has {n} message{'s' if n != 1 else ''}"))
+
+    def header_end_sizes(
+        self, messages: list[tuple[int, str]]
+    ) -> Generator[Request, Any, list[tuple[int, str]]]:
+        """The sizes with ``oe_ns_eoh``: two octets more for each message
+        that lacks the empty line ending its header section (a message that
+        cannot be read now keeps its size: RETR will answer -ERR)."""
+        out = []
+        for index, (size, uid) in enumerate(messages):
+            chunks: Iterable[bytes] | None = yield OpenMessage(index)
+            if chunks is not None:
+                cut = TopFilter(0)
+                try:
+                    for chunk in chunks:
+                        cut.feed(chunk)
+                        if cut.done:
+                            break
+                finally:
+                    close = getattr(chunks, "close", None)
+                    if close is not None:
+                        close()
+                if not cut.done:
+                    size += 2
+            out.append((size, uid))
+        return out
 
     def sasl(self, cmd: ev.Auth) -> ServerGenNone:
         if not cmd.mechanism:
@@ -391,31 +424,50 @@ class _Session:
         if chunks is None:
             yield from self.reply(ev.Err("message unavailable", _SYS_TEMP))
             return
-        if action.top_lines is None and type(chunks) is tuple and len(chunks) == 1:
+        config = self.config
+        if (
+            action.top_lines is None
+            and type(chunks) is tuple
+            and len(chunks) == 1
+            and not (config.outlook_no_nuls or config.oe_ns_eoh)
+        ):
             # The whole message in one piece (a small one): one engine call.
             data = chunks[0]
-            if self.config.outlook_no_nuls:
-                data = data.replace(b"\0", b"\x80")
             self.summary.octets += len(data)
             self.summary.retrieved += 1
             yield from self.emit(self.conn._send_whole_message(data))
             return
         cut = TopFilter(action.top_lines) if action.top_lines is not None else None
+        # oe_ns_eoh: whether the header section has ended (its empty line
+        # seen on the wire, CRLF form) and the last octet of the message.
+        header_open = config.oe_ns_eoh
+        tail = b"\r\n"
+        last = b""
         yield from self.reply(ev.MessageStart("message follows"))
         try:
             for chunk in chunks:
                 part = cut.feed(chunk) if cut is not None else chunk
-                if self.config.outlook_no_nuls:
+                if config.outlook_no_nuls:
                     part = part.replace(b"\0", b"\x80")
                 if part:
                     self.summary.octets += len(part)
-                    yield from self.emit(self.conn.send(ev.Data(part)))
+                    wire = self.conn.send(ev.Data(part))
+                    if header_open:
+                        joined = tail + wire
+                        header_open = b"\r\n\r\n" not in joined
+                        tail = joined[-3:]
+                        last = part[-1:]
+                    yield from self.emit(wire)
                 if cut is not None and cut.done:
                     break
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+        if header_open:
+            # End the last line if it is open, then add the empty line.
+            fix = b"\r\n" if last in (b"", b"\r", b"\n") else b"\r\n\r\n"
+            yield from self.emit(self.conn.send(ev.Data(fix)))
         yield from self.reply(ev.EndOfMessage())
         if cut is None:
             self.summary.retrieved += 1

@@ -644,6 +644,46 @@ def test_serve_connection_caps_reach_the_server_config() -> None:
     assert (limiter.per_address, limiter.per_user) == (7, 3)
 
 
+def test_serve_workarounds_reach_the_server_config() -> None:
+    from pop3proto.bindings.cli import _serve_setup, build_parser
+
+    parse = build_parser().parse_args
+    config = _serve_setup(parse(["serve"])).config
+    assert not config.oe_ns_eoh and not config.outlook_no_nuls
+    config = _serve_setup(parse(["serve", "--workaround", "oe-ns-eoh"])).config
+    assert config.oe_ns_eoh and not config.outlook_no_nuls
+    both = ["serve", "--workaround", "oe-ns-eoh", "--workaround", "outlook-no-nuls"]
+    config = _serve_setup(parse(both)).config
+    assert config.oe_ns_eoh and config.outlook_no_nuls
+
+
+def test_serve_unknown_workaround_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--workaround", "netscape-everything"]) == 2
+    assert "--workaround" in capsys.readouterr().err
+
+
+def test_oe_ns_eoh_over_a_socket_sizes_match_what_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], password: None
+) -> None:
+    """A header-only message through a real server: RETR adds the empty
+    line, LIST counted it, and fetch (which checks RETR against LIST)
+    stores what was sent."""
+    stored = [b"Subject: headers only\r\n", b"Subject: x\r\n\r\nbody\r\n"]
+    md = MemoryMaildrop({"demo": stored})
+    with running(md, demo_config(oe_ns_eoh=True)) as port:
+        with connect("127.0.0.1", port, tls=False, allow_insecure=True) as c:
+            c.login("demo", "demo")
+            sizes = c.list()
+            first, second = c.retrieve(1), c.retrieve(2)
+        assert first == b"Subject: headers only\r\n\r\n"
+        assert second == stored[1]
+        assert sizes == {1: len(first), 2: len(second)}
+        code, _, err = fetch(capsys, f"pop3://demo@127.0.0.1:{port}", tmp_path / "M", "--keep")
+    assert code == 0, err
+    got = sorted(f.read_bytes() for f in (tmp_path / "M" / "new").iterdir())
+    assert got == sorted([first, second])
+
+
 def test_serve_bad_users_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     users = tmp_path / "users"
     users.write_text("ok:pw\nnot a line\n")

@@ -31,6 +31,7 @@ class Harness:
         peer: str = "192.0.2.1",
         locked: tuple[str, ...] = (),
         commit_ok: bool = True,
+        whole: bool = False,
     ) -> None:
         self.config = config or p.ServerConfig(
             authenticator=PasswordTable({"alice": "secret", "bob": "hunter2"}),
@@ -43,6 +44,9 @@ class Harness:
         )
         self.locked = set(locked)
         self.commit_ok = commit_ok
+        # Messages handed over in one piece (as a maildrop's read_small) or in
+        # 7-octet chunks.
+        self.whole = whole
         self.now = 0.0
         self.sleeps: list[float] = []
         self.commits: list[tuple[int, ...]] = []
@@ -100,7 +104,8 @@ class Harness:
             elif isinstance(req, rq.OpenMessage):
                 self.opened.append(req.index)
                 assert self.user is not None
-                value = self._chunks(self.mail[self.user][req.index])
+                data = self.mail[self.user][req.index]
+                value = (data,) if self.whole else self._chunks(data)
             elif isinstance(req, rq.Commit):
                 self.commits.append(req.indexes)
                 value = self.commit_ok
@@ -414,6 +419,74 @@ def test_checklist_21_outlook_no_nuls_filter() -> None:
     h.login()
     assert body(h.command(p.Retr(1))) == b"a\x80b\r\n"
     assert h.command(p.List(1)) == [p.ScanListing(1, 5)]
+
+
+EOH_CASES = [
+    # stored message, what RETR sends with oe-ns-eoh (CRLF form, unstuffed)
+    (b"Subject: a\n\nbody\n", b"Subject: a\r\n\r\nbody\r\n"),
+    (b"Subject: b\n", b"Subject: b\r\n\r\n"),
+    (b"Subject: c", b"Subject: c\r\n\r\n"),
+    (b"", b"\r\n"),
+    (b"X: y\r", b"X: y\r\n\r\n"),
+    (b"\nbody only\n", b"\r\nbody only\r\n"),
+    (b"A: 1\r\nB: 2\r\n\r\n", b"A: 1\r\nB: 2\r\n\r\n"),
+    (b"A: 1\r\n.B\r\n", b"A: 1\r\n.B\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_checklist_21_oe_ns_eoh_adds_the_missing_header_end(whole: bool) -> None:
+    mail = {"alice": [m for m, _ in EOH_CASES]}
+    plain = Harness(mail=mail, whole=whole)
+    cfg = attrs.evolve(plain.config, oe_ns_eoh=True)
+    h = Harness(cfg, mail=mail, whole=whole)
+    h.login()
+    plain.login()
+    for i, (stored, expected) in enumerate(EOH_CASES, 1):
+        got = body(h.command(p.Retr(i)))
+        assert got == expected, stored
+        # Only the empty line is added: without the workaround, the rest.
+        before = body(plain.command(p.Retr(i)))
+        assert got in (before, before + b"\r\n"), stored
+        # LIST counts the added line (RFC 1939 §11 size: the message's
+        # octets in CRLF form, without the CRLF ending an unended last line).
+        unended = bool(stored) and stored[-1:] not in (b"\r", b"\n")
+        [listing] = h.command(p.List(i))
+        assert listing == p.ScanListing(i, len(got) - (2 if unended else 0)), stored
+        # TOP keeps the whole header section of a message without a body.
+        if b"\r\n\r\n" not in b"\r\n" + before:
+            assert body(h.command(p.Top(i, 0))) == expected
+    [stat] = h.command(p.Stat())
+    [plain_stat] = plain.command(p.Stat())
+    assert isinstance(stat, p.DropListing) and isinstance(plain_stat, p.DropListing)
+    missing = sum(1 for m, e in EOH_CASES if len(e) > len(body_of(m)))
+    assert stat.size == plain_stat.size + 2 * missing
+
+
+def body_of(stored: bytes) -> bytes:
+    """RETR's content for ``stored`` without any workaround."""
+    h = Harness(mail={"alice": [stored]})
+    h.login()
+    return body(h.command(p.Retr(1)))
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_oe_ns_eoh_listing_matches_what_retr_sends(whole: bool) -> None:
+    """Property over many shapes: with the workaround on, every LIST size
+    is what RETR then sends, and every message sent has a header end."""
+    rng = __import__("random").Random(7)
+    msgs = [bytes(rng.choice(b"ab.\r\n:") for _ in range(rng.randrange(0, 40))) for _ in range(300)]
+    cfg = attrs.evolve(Harness().config, oe_ns_eoh=True)
+    h = Harness(cfg, mail={"alice": msgs}, whole=whole)
+    h.login()
+    [listing] = h.command(p.List())
+    assert isinstance(listing, p.ScanListings)
+    sizes = dict(listing.entries)
+    for i, stored in enumerate(msgs, 1):
+        got = body(h.command(p.Retr(i)))
+        assert got.startswith(b"\r\n") or b"\r\n\r\n" in got, stored
+        unended = bool(stored) and stored[-1:] not in (b"\r", b"\n")
+        assert sizes[i] == len(got) - (2 if unended else 0), stored
 
 
 def test_checklist_21_codes_and_legacy_auth_listing() -> None:

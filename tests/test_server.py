@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -409,13 +410,33 @@ def test_lang_and_utf8() -> None:
     assert h.command(p.Utf8()) == [p.Ok("UTF8 enabled")]
 
 
-def test_checklist_21_outlook_no_nuls_filter() -> None:
+def test_whole_and_chunked_messages_put_the_same_octets_on_the_wire() -> None:
+    """A message handed over in one piece takes the server's one-call path;
+    in pieces, the general one. Byte for byte the same wire, for messages
+    of every awkward shape (dots, bare CR and LF, no final line end)."""
+    rng = random.Random(11)
+    msgs = [bytes(rng.choice(b"a.\r\n\0") for _ in range(rng.randrange(0, 60))) for _ in range(200)]
+    msgs += [b"", b".", b"..", b".\r\n", b"\r\n.\r\n", b"x\r\n.", b"a\rb\nc\r\n"]
+    wires = []
+    for whole in (False, True):
+        h = Harness(mail={"alice": msgs}, whole=whole)
+        h.login()
+        commands = b"".join(b"RETR %d\r\n" % i for i in range(1, len(msgs) + 1))
+        h._run(commands + b"TOP 1 0\r\nQUIT\r\n")
+        wires.append(bytes(h.sent))
+        assert h.done
+    assert wires[0] == wires[1]
+    assert wires[0].count(b"+OK message follows\r\n") == len(msgs) + 1
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_checklist_21_outlook_no_nuls_filter(whole: bool) -> None:
     mail = {"alice": [b"a\0b\n"]}
-    plain = Harness(mail=mail)
+    plain = Harness(mail=mail, whole=whole)
     plain.login()
     assert body(plain.command(p.Retr(1))) == b"a\0b\r\n"
     cfg = attrs.evolve(plain.config, outlook_no_nuls=True)
-    h = Harness(cfg, mail=mail)
+    h = Harness(cfg, mail=mail, whole=whole)
     h.login()
     assert body(h.command(p.Retr(1))) == b"a\x80b\r\n"
     assert h.command(p.List(1)) == [p.ScanListing(1, 5)]
@@ -474,7 +495,7 @@ def body_of(stored: bytes) -> bytes:
 def test_oe_ns_eoh_listing_matches_what_retr_sends(whole: bool) -> None:
     """Property over many shapes: with the workaround on, every LIST size
     is what RETR then sends, and every message sent has a header end."""
-    rng = __import__("random").Random(7)
+    rng = random.Random(7)
     msgs = [bytes(rng.choice(b"ab.\r\n:") for _ in range(rng.randrange(0, 40))) for _ in range(300)]
     cfg = attrs.evolve(Harness().config, oe_ns_eoh=True)
     h = Harness(cfg, mail={"alice": msgs}, whole=whole)

@@ -372,24 +372,14 @@ class _ServerConnection(_Pipe):
 
     # ------------------------------------------------ requests
 
-    async def _send(self, data: bytes) -> bool:
-        transport = self.transport
-        if self._lost or transport is None:
-            return False
-        transport.write(data)
-        if self._writing_paused:
-            # HARDENING 46: no more commands are processed (so nothing more
-            # is read) until the client takes its output; a client that
-            # reads nothing for the idle timeout is dropped.
-            outcome = await self.drain(self._server.config.idle_timeout)
-            if outcome == _LATE:
-                self.abort()
-            return outcome == _READY
-        return True
-
-    async def _receive(self, timeout: float | None) -> bytes | Any:
-        data = await self.receive(timeout)
-        return p.TIMED_OUT if data is None else data
+    async def _drained(self) -> bool:
+        """HARDENING 46: no more commands are processed (so nothing more is
+        read) until the client takes its output; a client that reads
+        nothing for the idle timeout is dropped."""
+        outcome = await self.drain(self._server.config.idle_timeout)
+        if outcome == _LATE:
+            self.abort()
+        return outcome == _READY
 
     async def _flushed(self) -> bool:
         """The output is below the high-water mark (STLS waits for it)."""
@@ -441,12 +431,22 @@ class _ServerConnection(_Pipe):
                     summary: p.SessionSummary = stop.value
                     return summary
                 result = None
+                # Sending and taking what has arrived need no coroutine of
+                # their own: they run once or more per command.
                 if isinstance(req, _SEND):
-                    if not await self._send(req.data):
+                    transport = self.transport
+                    if self._lost or transport is None:
+                        return None
+                    transport.write(req.data)
+                    if self._writing_paused and not await self._drained():
                         return None
                 elif isinstance(req, _RECEIVE):
                     # What has arrived is handed over without a task switch.
-                    result = self._take() if self._chunks else await self._receive(req.timeout)
+                    if self._chunks:
+                        result = self._take()
+                    else:
+                        data = await self.receive(req.timeout)
+                        result = p.TIMED_OUT if data is None else data
                 elif isinstance(req, rq.OpenMessage):
                     result = runner.run(req)
                 elif isinstance(req, (rq.OpenMaildrop, rq.Commit)):

@@ -43,6 +43,7 @@ from pop3proto.bindings.aio import Server, connect
 from pop3proto.bindings.maildrop import Maildir, Maildrop, MemoryMaildrop
 
 import pop3proto as p
+from pop3proto import _requests as rq
 from pop3proto._auth import FailureDelay, PasswordTable
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -617,13 +618,23 @@ def read_exactly(raw: Raw, size: int) -> bytes:
 
 def test_answers_to_one_read_go_out_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
     writes: list[bytes] = []
-    real = aio._ServerConnection._send
+    real = aio._ServerConnection._drive
 
-    async def counting(self: aio._ServerConnection, data: bytes) -> bool:
-        writes.append(data)
-        return await real(self, data)
+    async def counting(self: aio._ServerConnection, gen: Any, runner: Any) -> Any:
+        def proxy() -> Any:  # the session, with each Send (one write) noted
+            result = None
+            while True:
+                try:
+                    req = gen.send(result)
+                except StopIteration as stop:
+                    return stop.value
+                if isinstance(req, rq.Send):
+                    writes.append(req.data)
+                result = yield req
 
-    monkeypatch.setattr(aio._ServerConnection, "_send", counting)
+        return await real(self, proxy(), runner)
+
+    monkeypatch.setattr(aio._ServerConnection, "_drive", counting)
     b = memory_box(3, 500)
     server = make_server(b.maildrop)
 

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trustme
@@ -78,10 +79,16 @@ def make_config() -> p.ServerConfig:
 class Running:
     """A server of one binding running in a background thread."""
 
-    def __init__(self, kind: str, certs: Certs) -> None:
-        self.maildrop = MemoryMaildrop({"alice": MESSAGES})
+    def __init__(
+        self,
+        kind: str,
+        certs: Certs,
+        config: p.ServerConfig | None = None,
+        messages: list[bytes] = MESSAGES,
+    ) -> None:
+        self.maildrop = MemoryMaildrop({"alice": messages})
         kw: dict[str, Any] = {
-            "config": make_config(),
+            "config": config or make_config(),
             "listen": ("127.0.0.1", 0),
             "tls_listen": ("127.0.0.1", 0),
             "ssl_context": certs.server,
@@ -220,6 +227,28 @@ def test_every_client_against_every_server(
 ) -> None:
     port = server.port(mode == "tls")
     check(run_client(client, port, mode, certs, {"password": "secret"}))
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio", "trio"])
+def test_oe_ns_eoh_each_server_binding(kind: str, certs: Certs) -> None:
+    """The header-end workaround reads each message at login through the
+    binding's maildrop requests; every server binding carries them out."""
+    stored = [b"Subject: headers only\n", *MESSAGES]
+    config = attrs.evolve(make_config(), oe_ns_eoh=True)
+    running = Running(kind, certs, config=config, messages=stored)
+    try:
+        with sync_binding.connect(
+            "127.0.0.1", running.port(False), tls=False, allow_insecure=True
+        ) as c:
+            c.login("alice", "secret")
+            sizes = c.list()
+            got = [c.retrieve(i) for i in range(1, len(stored) + 1)]
+    finally:
+        running.stop()
+    assert got == [b"Subject: headers only\r\n\r\n", *EXPECTED]
+    # LIST leaves out the CRLF that ends an unended last line (RFC 1939 §11).
+    unended = [2 * (not m.endswith(b"\n")) for m in stored]
+    assert sizes == {i + 1: len(g) - u for i, (g, u) in enumerate(zip(got, unended, strict=True))}
 
 
 LOGINS = {

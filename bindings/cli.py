@@ -1887,10 +1887,14 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 @dataclass
 class BenchOptions:
     """A bounded load run: at most ``sessions`` sessions and ``duration``
-    seconds, ``concurrency`` at a time; each session connects, logs in,
-    STAT, UIDL, RETR 1..``retr``, QUIT. With ``spread`` N, worker *i* logs in
-    as ``user`` + str(i % N + 1) (for servers that lock a maildrop per
-    session, as ours does)."""
+    seconds, ``concurrency`` at a time; each session connects, logs in, runs
+    the steps of ``mix`` in order, then QUIT. The steps (:data:`BENCH_STEPS`):
+    ``stat``, ``list``, ``uidl``, ``capa``, ``noop``, ``rset`` (one command
+    each), ``retr`` (RETR 1..``retr``, pipelined when ``pipelining`` and the
+    server offers it) and ``top`` (TOP n ``top_lines`` for n in 1..``retr``);
+    a step may repeat. Nothing is ever deleted. With ``spread`` N, worker
+    *i* logs in as ``user`` + str(i % N + 1) (for servers that lock a
+    maildrop per session, as ours does)."""
 
     url: PopUrl
     user: str
@@ -1905,9 +1909,26 @@ class BenchOptions:
     insecure: bool = False
     timeout: float = 10.0
     spread: int = 0
+    mix: tuple[str, ...] = ("stat", "uidl", "retr")
+    top_lines: int = 0
 
 
-_PHASES = ("connect", "login", "stat", "uidl", "retr", "quit")
+#: The steps ``bench --mix`` knows, in the order of the report's error counts.
+BENCH_STEPS = ("stat", "list", "uidl", "capa", "noop", "rset", "top", "retr")
+_PHASES = ("connect", "login", *BENCH_STEPS, "quit")
+
+
+def parse_mix(text: str) -> tuple[str, ...]:
+    """``bench --mix``: comma-separated steps (:data:`BENCH_STEPS`)."""
+    steps = tuple(step.strip().lower() for step in text.split(","))
+    unknown = [step for step in steps if step not in BENCH_STEPS]
+    if unknown or not steps:
+        raise UsageError(
+            f"--mix: unknown step {unknown[0]!r}; steps are {', '.join(BENCH_STEPS)}"
+            if unknown
+            else "--mix needs at least one step"
+        )
+    return steps
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -1925,7 +1946,7 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 def run_bench(opts: BenchOptions, *, use_uvloop: bool = True) -> dict[str, Any]:
     """Run the load and return the report (the ``--json`` shape)::
 
-        {"url", "server", "client", "concurrency", "retr", "pipelining",
+        {"url", "server", "client", "concurrency", "mix", "retr", "pipelining",
          "duration_s", "sessions", "sessions_failed", "sessions_unfinished",
          "messages", "bytes", "sessions_per_s", "mb_per_s",
          "latency_ms": {"session": {"p50","p90","p99"}, "login": {...}},
@@ -1983,21 +2004,37 @@ async def _bench(opts: BenchOptions) -> dict[str, Any]:
             phase = "login"
             await client.login(user, opts.password, mechanism=url.mechanism)
             t_login = time.perf_counter() - t0
-            phase = "stat"
-            count, _size = await client.stat()
-            phase = "uidl"
-            await client.uidl()
-            phase = "retr"
-            wanted = range(1, min(opts.retr, count) + 1)
+            count: int | None = None
             got = octets = 0
-            if opts.pipelining:
-                async for _msg, data in client.retrieve_many(wanted, opts.window):
-                    got += 1
-                    octets += len(data)
-            else:
-                for msg in wanted:
-                    octets += len(await client.retrieve(msg))
-                    got += 1
+            for phase in opts.mix:
+                if phase == "stat":
+                    count, _size = await client.stat()
+                elif phase == "list":
+                    count = len(await client.list())
+                elif phase == "uidl":
+                    await client.uidl()
+                elif phase == "capa":
+                    await client.capabilities(refresh=True)
+                elif phase == "noop":
+                    await client.noop()
+                elif phase == "rset":
+                    await client.reset()
+                else:  # retr, top: messages 1..K of those there are
+                    if count is None:
+                        count, _size = await client.stat()
+                    wanted = range(1, min(opts.retr, count) + 1)
+                    if phase == "top":
+                        for msg in wanted:
+                            octets += len(await client.top(msg, opts.top_lines))
+                            got += 1
+                    elif opts.pipelining:
+                        async for _msg, data in client.retrieve_many(wanted, opts.window):
+                            got += 1
+                            octets += len(data)
+                    else:
+                        for msg in wanted:
+                            octets += len(await client.retrieve(msg))
+                            got += 1
             phase = "quit"
             await client.quit()
             session_times.append(time.perf_counter() - t0)
@@ -2036,6 +2073,7 @@ async def _bench(opts: BenchOptions) -> dict[str, Any]:
         "server": _url_host(url.host, url.port),
         "client": "asyncio",
         "concurrency": opts.concurrency,
+        "mix": list(opts.mix),
         "retr": opts.retr,
         "pipelining": opts.pipelining,
         "duration_s": round(elapsed, 3),
@@ -2086,6 +2124,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--retr must not be negative")
     if args.spread < 0:
         raise UsageError("--spread must not be negative")
+    if args.top_lines < 0:
+        raise UsageError("--top-lines must not be negative")
     if not args.allow_remote and not _resolves_to_loopback(url.host, url.port):
         raise UsageError(
             f"{url.host} is not a loopback address: pass --allow-remote to load a remote server"
@@ -2105,6 +2145,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         timeout=args.timeout,
         spread=args.spread,
+        mix=parse_mix(args.mix),
+        top_lines=args.top_lines,
     )
     report = run_bench(opts, use_uvloop=not args.no_uvloop)
     if args.json:
@@ -2434,8 +2476,9 @@ def _parser_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="load-test a POP3 server (loopback unless --allow-remote)",
-        description="Concurrent sessions of connect, login, STAT, UIDL, "
-        "RETR 1..K, QUIT; reports sessions/s, MB/s and latency percentiles.",
+        description="Concurrent sessions of connect, login, a mix of commands (by default "
+        "STAT, UIDL, RETR 1..K), QUIT; reports sessions/s, MB/s and latency percentiles. "
+        "Never deletes anything.",
     )
     p.add_argument("url", metavar="URL", help="pop3[s]://user[;auth=MECH]@host[:port]")
     p.add_argument(
@@ -2456,11 +2499,25 @@ def _parser_bench(sub: Any) -> None:
         help="stop after S seconds (default 10)",
     )
     p.add_argument(
+        "--mix",
+        default="stat,uidl,retr",
+        metavar="STEPS",
+        help="what each session does after login, in order, then QUIT: comma-separated "
+        f"steps of {', '.join(BENCH_STEPS)}; a step may repeat (default stat,uidl,retr)",
+    )
+    p.add_argument(
         "--retr",
         type=int,
         default=5,
         metavar="K",
-        help="RETR messages 1..K per session (default 5)",
+        help="messages 1..K for the retr and top steps (default 5)",
+    )
+    p.add_argument(
+        "--top-lines",
+        type=int,
+        default=0,
+        metavar="N",
+        help="body lines the top step asks for (default 0: headers only)",
     )
     p.add_argument(
         "--pipelining",

@@ -1468,8 +1468,10 @@ def test_bench_json_report(
     assert report["messages"] == 36
     assert report["bytes"] == 12 * sum(len(wire_form(m)) for m in DEMO[:3])
     assert report["errors"] == dict.fromkeys(
-        ["connect", "login", "stat", "uidl", "retr", "quit"], 0
+        ["connect", "login", "stat", "list", "uidl", "capa", "noop", "rset", "top", "retr", "quit"],
+        0,
     )
+    assert report["mix"] == ["stat", "uidl", "retr"]
     for kind in ("session", "login"):
         lat = report["latency_ms"][kind]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
@@ -1477,6 +1479,45 @@ def test_bench_json_report(
     assert report["sessions_per_s"] > 0 and report["mb_per_s"] > 0
     assert report["concurrency"] == 2 and report["pipelining"] is True
     assert report["server"] == f"127.0.0.1:{port}"
+
+
+def test_bench_mix_runs_each_step(
+    demo: tuple[MemoryMaildrop, int], capsys: pytest.CaptureFixture[str], password: None
+) -> None:
+    """TOP and RETR bodies are counted as received; the other steps leave
+    the maildrop as it was (bench never deletes)."""
+    _, port = demo
+    with connect("127.0.0.1", port, tls=False, allow_insecure=True) as c:
+        c.login("demo1", "demo")
+        before = c.uidl()
+        tops = sum(len(c.top(i, 1)) for i in (1, 2))
+        retrs = sum(len(c.retrieve(i)) for i in (1, 2))
+    args = ["bench", f"pop3://demo@127.0.0.1:{port}", "--json", "--sessions", "4"]
+    args += ["--concurrency", "1", "--spread", "1", "--retr", "2", "--top-lines", "1"]
+    code = main([*args, "--mix", "top,noop,list,capa,rset,uidl,retr,noop"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    assert report["mix"] == ["top", "noop", "list", "capa", "rset", "uidl", "retr", "noop"]
+    assert report["sessions"] == 4 and report["sessions_failed"] == 0
+    assert report["messages"] == 4 * 4
+    assert report["bytes"] == 4 * (tops + retrs)
+    with connect("127.0.0.1", port, tls=False, allow_insecure=True) as c:
+        c.login("demo1", "demo")
+        assert c.uidl() == before
+    # TOP alone (no STAT first): the message count comes from STAT by itself.
+    code = main([*args, "--mix", "top", "--top-lines", "0"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["messages"] == 4 * 2
+
+
+@pytest.mark.parametrize(
+    ("mix", "message"), [("stat,dele", "unknown step 'dele'"), ("retr,,", "unknown step ''")]
+)
+def test_bench_mix_usage_errors(
+    mix: str, message: str, capsys: pytest.CaptureFixture[str], password: None
+) -> None:
+    assert main(["bench", "pop3://demo@127.0.0.1:110", "--mix", mix]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bench_errors_by_phase_and_time_bound(

@@ -801,11 +801,17 @@ class Connection:
         self._session.greeting(ok)
         return data
 
-    def _send_whole_message(self, data: bytes) -> bytes:
-        """Server: the bytes of ``send(MessageStart("message follows"))``,
-        ``send(Data(data))`` and ``send(EndOfMessage())`` together, for a
-        message held whole in memory (most messages a server sends are
-        small): one call and one set of checks instead of three."""
+    def send_message(
+        self, data: bytes | bytearray | memoryview, text: str = "message follows"
+    ) -> bytes:
+        """Server: the bytes that ``send(MessageStart(text))``,
+        ``send(Data(data))`` and ``send(EndOfMessage())`` would give
+        together, for a message held whole in memory (most messages a server
+        sends are small): one call and one set of checks instead of three.
+
+        Raises ``LocalProtocolError`` (and changes nothing) unless a RETR,
+        TOP or multi-line extension command is waiting for its reply, or
+        when ``text`` cannot go in a status line."""
         cmd = self._current
         if (
             self._error is not None
@@ -817,9 +823,12 @@ class Connection:
             or not _expects_body(cmd)
         ):
             raise LocalProtocolError("no command is waiting for a message")
+        head = (
+            _MESSAGE_FOLLOWS if text == "message follows" else _wire.format_status(True, text, None)
+        )
         body, state = _core.stuff(data, _core.LINE_START)
         self._reply_done(cmd, True)
-        return b"".join((_MESSAGE_FOLLOWS, body, _core.stuff_end(state)))
+        return b"".join((head, body, _core.stuff_end(state)))
 
     def _send_body(self, event: ev.Event) -> bytes:
         if isinstance(event, ev.Data):

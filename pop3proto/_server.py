@@ -435,7 +435,7 @@ class _Session:
             data = chunks[0]
             self.summary.octets += len(data)
             self.summary.retrieved += 1
-            yield from self.emit(self.conn._send_whole_message(data))
+            yield from self.emit(self.conn.send_message(data))
             return
         cut = TopFilter(action.top_lines) if action.top_lines is not None else None
         # oe_ns_eoh: whether the header section has ended (its empty line

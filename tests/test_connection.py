@@ -1216,7 +1216,7 @@ class TestRoundTrip:
             conn.receive_data(b"TOP 1 0\r\nNOOP\r\n" if top else b"RETR 1\r\nNOOP\r\n")
             assert conn.next_event() == cmd
             if whole:
-                wire = conn._send_whole_message(body)
+                wire = conn.send_message(body)
             else:
                 wire = conn.send(p.MessageStart("message follows"))
                 wire += conn.send(p.Data(body)) + conn.send(p.EndOfMessage())
@@ -1226,22 +1226,35 @@ class TestRoundTrip:
             assert conn.send(p.Ok()) == b"+OK\r\n"
         assert wires[0] == wires[1]
 
+    def test_send_message_text_and_buffers(self) -> None:
+        conn = logged_in_server()
+        conn.receive_data(b"RETR 1\r\nRETR 1\r\nRETR 1\r\n")
+        assert conn.next_event() == p.Retr(1)
+        # A text that cannot go in a status line: refused, nothing changes.
+        with pytest.raises(p.LocalProtocolError):
+            conn.send_message(b"x", "two\r\nlines")
+        out = conn.send_message(memoryview(b".a\nb"), "120 octets")
+        assert out == b"+OK 120 octets\r\n..a\r\nb\r\n.\r\n"
+        assert conn.next_event() == p.Retr(1)
+        assert conn.send_message(bytearray(b"")) == b"+OK message follows\r\n.\r\n"
+        assert conn.next_event() == p.Retr(1)
+
     def test_whole_message_send_refused_when_no_message_is_due(self) -> None:
         conn = logged_in_server()
         with pytest.raises(p.LocalProtocolError):
-            conn._send_whole_message(b"x")  # no command at all
+            conn.send_message(b"x")  # no command at all
         conn.receive_data(b"STAT\r\nRETR 1\r\n")
         assert conn.next_event() == p.Stat()
         with pytest.raises(p.LocalProtocolError):
-            conn._send_whole_message(b"x")  # STAT wants a drop listing
+            conn.send_message(b"x")  # STAT wants a drop listing
         conn.send(p.DropListing(1, 1))
         assert conn.next_event() == p.Retr(1)
         conn.send(p.MessageStart())
         with pytest.raises(p.LocalProtocolError):
-            conn._send_whole_message(b"x")  # a body is already under way
+            conn.send_message(b"x")  # a body is already under way
         client = p.Connection(p.CLIENT)
         with pytest.raises(p.LocalProtocolError):
-            client._send_whole_message(b"x")
+            client.send_message(b"x")
 
     @HSETTINGS
     @given(

@@ -105,8 +105,8 @@ def log_session(log: logging.Logger, summary: SessionSummary | None) -> None:
 
 @functools.cache
 def _maildrop_classes() -> tuple[type[MaildropError], type[MaildropLocked], type[MemoryMaildrop]]:
-    """``maildrop``'s error classes and ``MemoryMaildrop``, imported on first
-    use (a client never needs that module)."""
+    """``maildrop``'s error classes and ``MemoryMaildrop``, imported when the
+    first ``MaildropRunner`` is made (a client never needs that module)."""
     from .maildrop import MaildropError, MaildropLocked, MemoryMaildrop
 
     return MaildropError, MaildropLocked, MemoryMaildrop
@@ -119,6 +119,9 @@ class MaildropRunner:
     def __init__(self, maildrop: Maildrop) -> None:
         self.maildrop = maildrop
         self.session: MaildropSession | None = None
+        error, locked, memory = _maildrop_classes()
+        self._error, self._locked = error, locked
+        self._in_memory = isinstance(maildrop, memory)
 
     def handles(self, request: rq.Request) -> bool:
         return isinstance(request, (rq.OpenMaildrop, rq.OpenMessage, rq.Commit))
@@ -131,25 +134,16 @@ class MaildropRunner:
         file): a hop through a thread costs more than they do, so they run
         inline, as does an UPDATE with nothing to remove (it only releases
         the lock)."""
-        return (
-            isinstance(request, rq.Commit)
-            and bool(request.indexes)
-            and not isinstance(self.maildrop, _maildrop_classes()[2])
-        )
+        return isinstance(request, rq.Commit) and bool(request.indexes) and not self._in_memory
 
     def run(self, request: rq.Request) -> Any:
-        # The maildrop's error classes are looked up only when something
-        # failed: this runs for every message a server sends.
         if isinstance(request, rq.OpenMaildrop):
             try:
                 self.session = self.maildrop.open(request.user)
-            except Exception as exc:
-                error, locked, _ = _maildrop_classes()
-                if isinstance(exc, locked):
-                    return MaildropFailure(in_use=True)
-                if isinstance(exc, error):
-                    return MaildropFailure()
-                raise
+            except self._locked:
+                return MaildropFailure(in_use=True)
+            except self._error:
+                return MaildropFailure()
             return [(m.size, m.uid) for m in self.session.messages]
         assert self.session is not None
         if isinstance(request, rq.OpenMessage):
@@ -160,20 +154,16 @@ class MaildropRunner:
                     return (data,)
             try:
                 return read_chunks(self.session.open_message(request.index))
-            except Exception as exc:
-                if isinstance(exc, _maildrop_classes()[0]):
-                    return None  # removed behind our back: the driver answers -ERR
-                raise
+            except self._error:
+                return None  # removed behind our back: the driver answers -ERR
         if isinstance(request, rq.Commit):
             # UPDATE: remove, then release the lock before the +OK is sent.
             messages = self.session.messages
             try:
                 if request.indexes:
                     self.session.commit(messages[i].key for i in request.indexes)
-            except Exception as exc:
-                if isinstance(exc, _maildrop_classes()[0]):
-                    return False
-                raise
+            except self._error:
+                return False
             finally:
                 self.close()
             return True

@@ -1921,13 +1921,9 @@ _PHASES = ("connect", "login", *BENCH_STEPS, "quit")
 def parse_mix(text: str) -> tuple[str, ...]:
     """``bench --mix``: comma-separated steps (:data:`BENCH_STEPS`)."""
     steps = tuple(step.strip().lower() for step in text.split(","))
-    unknown = [step for step in steps if step not in BENCH_STEPS]
-    if unknown or not steps:
-        raise UsageError(
-            f"--mix: unknown step {unknown[0]!r}; steps are {', '.join(BENCH_STEPS)}"
-            if unknown
-            else "--mix needs at least one step"
-        )
+    for step in steps:
+        if step not in BENCH_STEPS:
+            raise UsageError(f"--mix: unknown step {step!r}; steps are {', '.join(BENCH_STEPS)}")
     return steps
 
 
@@ -2500,10 +2496,10 @@ def _parser_bench(sub: Any) -> None:
     )
     p.add_argument(
         "--mix",
-        default="stat,uidl,retr",
+        default=",".join(BenchOptions.mix),
         metavar="STEPS",
         help="what each session does after login, in order, then QUIT: comma-separated "
-        f"steps of {', '.join(BENCH_STEPS)}; a step may repeat (default stat,uidl,retr)",
+        f"steps of {', '.join(BENCH_STEPS)}; a step may repeat (default %(default)s)",
     )
     p.add_argument(
         "--retr",

@@ -12,6 +12,7 @@ Bytes in, events out, bytes back; no sockets, threads, clocks or files::
 The I/O lives in ``pop3proto.bindings`` (blocking sockets, asyncio, trio).
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._connection import CLIENT, SERVER, Connection, Role
@@ -105,14 +106,7 @@ def __getattr__(name: str) -> Any:
     where = _LAZY.get(name)
     if where is None:
         raise AttributeError(f"module 'pop3proto' has no attribute {name!r}")
-    if where == "_server":
-        from . import _server
-
-        value = getattr(_server, name)
-    else:
-        from . import _session
-
-        value = getattr(_session, name)
+    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
     globals()[name] = value
     return value
 

@@ -305,17 +305,15 @@ class _Session:
         for index, (size, uid) in enumerate(messages):
             chunks: Iterable[bytes] | None = yield OpenMessage(index)
             if chunks is not None:
-                cut = TopFilter(0)
+                header = TopFilter(0)  # done once the header section has ended
                 try:
                     for chunk in chunks:
-                        cut.feed(chunk)
-                        if cut.done:
+                        header.feed(chunk)
+                        if header.done:
                             break
                 finally:
-                    close = getattr(chunks, "close", None)
-                    if close is not None:
-                        close()
-                if not cut.done:
+                    _close(chunks)
+                if not header.done:
                     size += 2
             out.append((size, uid))
         return out
@@ -438,33 +436,27 @@ class _Session:
             yield from self.emit(self.conn.send_message(data))
             return
         cut = TopFilter(action.top_lines) if action.top_lines is not None else None
-        # oe_ns_eoh: whether the header section has ended (its empty line
-        # seen on the wire, CRLF form) and the last octet of the message.
-        header_open = config.oe_ns_eoh
-        tail = b"\r\n"
+        # oe_ns_eoh: the same header-end finder as header_end_sizes, so that
+        # what is sent is what LIST counted; and the message's last octet.
+        header = TopFilter(0) if config.oe_ns_eoh else None
         last = b""
         yield from self.reply(ev.MessageStart("message follows"))
         try:
             for chunk in chunks:
+                if header is not None and not header.done and chunk:
+                    header.feed(chunk)
+                    last = chunk[-1:]
                 part = cut.feed(chunk) if cut is not None else chunk
                 if config.outlook_no_nuls:
                     part = part.replace(b"\0", b"\x80")
                 if part:
                     self.summary.octets += len(part)
-                    wire = self.conn.send(ev.Data(part))
-                    if header_open:
-                        joined = tail + wire
-                        header_open = b"\r\n\r\n" not in joined
-                        tail = joined[-3:]
-                        last = part[-1:]
-                    yield from self.emit(wire)
+                    yield from self.emit(self.conn.send(ev.Data(part)))
                 if cut is not None and cut.done:
                     break
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-        if header_open:
+            _close(chunks)
+        if header is not None and not header.done:
             # End the last line if it is open, then add the empty line.
             fix = b"\r\n" if last in (b"", b"\r", b"\n") else b"\r\n\r\n"
             yield from self.emit(self.conn.send(ev.Data(fix)))
@@ -545,6 +537,13 @@ class _Session:
 
 
 ServerGenNone = Generator[Request, Any, None]
+
+
+def _close(chunks: Iterable[bytes]) -> None:
+    """Close a stored message's chunks (a generator over an open file)."""
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
 
 
 class _Closed(Exception):

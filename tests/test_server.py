@@ -142,6 +142,12 @@ class Harness:
         assert isinstance(reply, p.Ok), reply
 
 
+def random_messages(seed: int, octets: bytes, *, count: int, longest: int) -> list[bytes]:
+    """``count`` messages of up to ``longest`` octets drawn from ``octets``."""
+    rng = random.Random(seed)
+    return [bytes(rng.choice(octets) for _ in range(rng.randrange(longest))) for _ in range(count)]
+
+
 def body(events: list[p.Event]) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, p.Data))
 
@@ -414,8 +420,7 @@ def test_whole_and_chunked_messages_put_the_same_octets_on_the_wire() -> None:
     """A message handed over in one piece takes the server's one-call path;
     in pieces, the general one. Byte for byte the same wire, for messages
     of every awkward shape (dots, bare CR and LF, no final line end)."""
-    rng = random.Random(11)
-    msgs = [bytes(rng.choice(b"a.\r\n\0") for _ in range(rng.randrange(0, 60))) for _ in range(200)]
+    msgs = random_messages(11, b"a.\r\n\0", count=200, longest=60)
     msgs += [b"", b".", b"..", b".\r\n", b"\r\n.\r\n", b"x\r\n.", b"a\rb\nc\r\n"]
     wires = []
     for whole in (False, True):
@@ -495,8 +500,7 @@ def body_of(stored: bytes) -> bytes:
 def test_oe_ns_eoh_listing_matches_what_retr_sends(whole: bool) -> None:
     """Property over many shapes: with the workaround on, every LIST size
     is what RETR then sends, and every message sent has a header end."""
-    rng = random.Random(7)
-    msgs = [bytes(rng.choice(b"ab.\r\n:") for _ in range(rng.randrange(0, 40))) for _ in range(300)]
+    msgs = random_messages(7, b"ab.\r\n:", count=300, longest=40)
     cfg = attrs.evolve(Harness().config, oe_ns_eoh=True)
     h = Harness(cfg, mail={"alice": msgs}, whole=whole)
     h.login()

@@ -52,7 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
@@ -75,8 +75,12 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "SECRET_COMMAND_LIMIT",
+    "SECRET_COMMAND_TIMEOUT",
     "STREAM_THRESHOLD",
+    "TOKEN_MECHANISMS",
     "BenchOptions",
+    "Credentials",
     "FetchOptions",
     "FetchResult",
     "PopUrl",
@@ -92,6 +96,7 @@ __all__ = [
     "parse_pop_url",
     "run_bench",
     "run_fetch",
+    "run_secret_command",
     "set_password",
 ]
 
@@ -311,44 +316,143 @@ def _resolves_to_loopback(host: str, port: int) -> bool:
     return bool(infos) and all(is_loopback(str(info[4][0])) for info in infos)
 
 
+#: SASL mechanisms that log in with a bearer token (RFC 7628; Google's and
+#: Microsoft's XOAUTH2) instead of a password.
+TOKEN_MECHANISMS = frozenset({"OAUTHBEARER", "XOAUTH2"})
+#: The most a ``--password-command`` or ``--token-command`` may print.
+SECRET_COMMAND_LIMIT = 64 * 1024
+#: Seconds a secret command may take (it may ask for a passphrase).
+SECRET_COMMAND_TIMEOUT = 120.0
+
+
+class Credentials(NamedTuple):
+    """Who logs in, and with what: a ``password``, or a bearer ``token`` for
+    OAUTHBEARER / XOAUTH2 (exactly one of the two is set)."""
+
+    user: str
+    password: str | None
+    token: str | None = None
+
+
 def find_credentials(
     url: PopUrl,
     *,
     environ: Mapping[str, str] | None = None,
     netrc_file: str | None = None,
     interactive: bool | None = None,
-) -> tuple[str, str]:
-    """``(user, password)`` for ``url``: the password from ``$POP3_PASSWORD``,
-    then ``~/.netrc`` (an entry for the host whose login matches the URL's
-    user, or names the user when the URL does not), then a terminal prompt.
-    Raises ``UsageError`` when no user or no password can be found (never
-    prompts without a terminal)."""
+    password_command: str | None = None,
+    token_command: str | None = None,
+) -> Credentials:
+    """The credentials for ``url``.
+
+    The user is the URL's, else the login of ``~/.netrc``'s entry for the host.
+    With ``;AUTH=OAUTHBEARER`` or ``;AUTH=XOAUTH2`` a bearer token is needed:
+    the first line ``token_command`` prints, else ``$POP3_TOKEN``. Without
+    ``;AUTH=`` such a token is used when one is given that way. Otherwise the
+    password is the first line ``password_command`` prints, else
+    ``$POP3_PASSWORD``, else ``~/.netrc`` (an entry for the host whose login
+    matches the user, or names it), else a terminal prompt. Raises
+    ``UsageError`` when a credential cannot be had (never prompts without a
+    terminal, never echoes what a command printed)."""
     env = os.environ if environ is None else environ
+    mechanism = url.mechanism
+    wants_token = mechanism in TOKEN_MECHANISMS
+    if token_command is not None and not (mechanism is None or wants_token):
+        raise UsageError(
+            f"--token-command is for ;AUTH=OAUTHBEARER or ;AUTH=XOAUTH2, not ;AUTH={url.auth}"
+        )
+    if password_command is not None and wants_token:
+        raise UsageError(f"{mechanism} logs in with a bearer token: use --token-command")
+    token: str | None = None
+    if mechanism is None or wants_token:
+        if token_command is not None:
+            token = run_secret_command(token_command, "--token-command")
+        elif password_command is None:
+            token = env.get("POP3_TOKEN") or None
+    if wants_token and token is None:
+        raise UsageError(f"{mechanism} needs a bearer token: set $POP3_TOKEN or --token-command")
     user = url.user
-    password = env.get("POP3_PASSWORD")
-    if password is None or user is None:
+    password: str | None = None
+    if token is None and password_command is not None:
+        password = run_secret_command(password_command, "--password-command")
+    elif token is None:
+        password = env.get("POP3_PASSWORD")
+    if user is None or (token is None and password is None):
         entry = _netrc_entry(url.host, netrc_file)
         if entry is not None:
             login, secret = entry
             if user is None and login:
                 user = login
-            if password is None and secret and (not login or login == user):
+            if token is None and password is None and secret and (not login or login == user):
                 password = secret
     if user is None:
         raise UsageError("the URL names no user (pop3://USER@HOST) and ~/.netrc has none")
+    if token is not None:
+        return Credentials(user, None, token)
     if password is None:
         tty = sys.stdin.isatty() if interactive is None else interactive
         if not tty:
             raise UsageError(
-                f"no password for {user}@{url.host}: set $POP3_PASSWORD or add the host to "
-                "~/.netrc (standard input is not a terminal, so there is no prompt)"
+                f"no password for {user}@{url.host}: set $POP3_PASSWORD, use "
+                "--password-command or add the host to ~/.netrc (standard input is not "
+                "a terminal, so there is no prompt)"
             )
         import getpass
 
         password = getpass.getpass(f"Password for {user}@{url.host}: ")
     if not password:
         raise UsageError("empty password")
-    return user, password
+    return Credentials(user, password)
+
+
+def run_secret_command(command: str, what: str = "the command") -> str:
+    """The first line that the shell command ``command`` prints (a password
+    or a token from a keyring, ``pass``, ``gpg`` or an OAuth helper).
+
+    Its standard input and error stay the terminal's (it may ask for a
+    passphrase). Raises ``UsageError``, naming it as ``what`` and never
+    quoting its output, if it cannot start, fails, prints more than
+    ``SECRET_COMMAND_LIMIT`` octets, takes longer than
+    ``SECRET_COMMAND_TIMEOUT`` seconds, or prints no text (UTF-8) on its
+    first line."""
+    import subprocess
+
+    try:
+        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
+    except OSError as exc:
+        raise UsageError(f"{what} could not start: {exc}") from None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        proc.kill()
+
+    timer = threading.Timer(SECRET_COMMAND_TIMEOUT, expire)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        with proc.stdout:
+            out = proc.stdout.read(SECRET_COMMAND_LIMIT + 1)
+            if len(out) > SECRET_COMMAND_LIMIT:
+                proc.kill()
+        status = proc.wait()
+    finally:
+        timer.cancel()
+    if len(out) > SECRET_COMMAND_LIMIT:
+        raise UsageError(f"{what} printed more than {SECRET_COMMAND_LIMIT} octets")
+    if expired.is_set():
+        raise UsageError(f"{what} took more than {SECRET_COMMAND_TIMEOUT:g} s")
+    if status != 0:
+        how = f"was stopped by signal {-status}" if status < 0 else f"exited with status {status}"
+        raise UsageError(f"{what} {how}")
+    first = out.split(b"\n", 1)[0].removesuffix(b"\r")
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} printed a first line that is not UTF-8") from None
+    if not text:
+        raise UsageError(f"{what} printed nothing on its first line")
+    return text
 
 
 def _netrc_entry(host: str, path: str | None) -> tuple[str, str] | None:
@@ -1333,7 +1437,8 @@ class FetchOptions:
     url: PopUrl
     maildir: str
     user: str
-    password: str
+    #: None when ``token`` logs in instead
+    password: str | None
     keep: bool = False
     cafile: str | None = None
     delete_after_days: float | None = None
@@ -1347,6 +1452,8 @@ class FetchOptions:
     #: On ``pop3://``, upgrade with STLS when offered. False logs in without
     #: TLS; ``_cmd_fetch`` allows that only on loopback or with ``insecure``.
     stls: bool = True
+    #: A bearer token for OAUTHBEARER or XOAUTH2 (see ``find_credentials``).
+    token: str | None = None
 
 
 @dataclass
@@ -1450,8 +1557,9 @@ def _open_client(
 def _connect_and_login(
     url: PopUrl,
     user: str,
-    password: str,
+    password: str | None,
     *,
+    token: str | None = None,
     cafile: str | None,
     insecure: bool,
     timeout: float,
@@ -1477,7 +1585,7 @@ def _connect_and_login(
     except (Pop3Error, ProtocolError, OSError) as exc:  # OSError: ssl.SSLError too
         raise _Exit(EXIT_CONNECT, f"cannot connect to {where}: {exc}") from None
     try:
-        client.login(user, password, mechanism=url.mechanism)
+        client.login(user, password, mechanism=url.mechanism, token=token)
     except Pop3TLSError as exc:
         client.close()
         raise _Exit(EXIT_AUTH, f"login refused without TLS: {exc} (--insecure allows it)") from None
@@ -1548,6 +1656,7 @@ def run_fetch(opts: FetchOptions, *, stderr: IO[str] | None = None) -> FetchResu
             url,
             opts.user,
             opts.password,
+            token=opts.token,
             cafile=opts.cafile,
             insecure=opts.insecure,
             timeout=opts.timeout,
@@ -1857,12 +1966,15 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         raise UsageError("--no-stls is for pop3:// URLs (pop3s:// is TLS from the start)")
     if args.no_stls and not (args.insecure or _is_loopback_literal(url.host)):
         raise UsageError("--no-stls needs --insecure unless the server is on loopback")
-    user, password = find_credentials(url)
+    creds = find_credentials(
+        url, password_command=args.password_command, token_command=args.token_command
+    )
     opts = FetchOptions(
         url=url,
         maildir=args.maildir,
-        user=user,
-        password=password,
+        user=creds.user,
+        password=creds.password,
+        token=creds.token,
         keep=args.keep,
         cafile=args.cafile,
         delete_after_days=args.delete_after_days,
@@ -1898,7 +2010,8 @@ class BenchOptions:
 
     url: PopUrl
     user: str
-    password: str
+    #: None when ``token`` logs in instead
+    password: str | None
     sessions: int = 1000
     concurrency: int = 8
     duration: float = 10.0
@@ -1911,6 +2024,8 @@ class BenchOptions:
     spread: int = 0
     mix: tuple[str, ...] = ("stat", "uidl", "retr")
     top_lines: int = 0
+    #: A bearer token for OAUTHBEARER or XOAUTH2 (see ``find_credentials``).
+    token: str | None = None
 
 
 #: The steps ``bench --mix`` knows, in the order of the report's error counts.
@@ -1998,7 +2113,7 @@ async def _bench(opts: BenchOptions) -> dict[str, Any]:
                     timeout=opts.timeout,
                 )
             phase = "login"
-            await client.login(user, opts.password, mechanism=url.mechanism)
+            await client.login(user, opts.password, mechanism=url.mechanism, token=opts.token)
             t_login = time.perf_counter() - t0
             count: int | None = None
             got = octets = 0
@@ -2126,11 +2241,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{url.host} is not a loopback address: pass --allow-remote to load a remote server"
         )
-    user, password = find_credentials(url)
+    creds = find_credentials(
+        url, password_command=args.password_command, token_command=args.token_command
+    )
     opts = BenchOptions(
         url=url,
-        user=user,
-        password=password,
+        user=creds.user,
+        password=creds.password,
+        token=creds.token,
         sessions=args.sessions,
         concurrency=args.concurrency,
         duration=args.duration,
@@ -2153,8 +2271,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             _err(f"bench: {sample}")
     if any("IN-USE" in sample for sample in report["error_samples"]):
         _err(
-            "bench: hint: the server locks a maildrop per session; use --spread N "
-            f"with accounts {user}1..{user}N (the demo server has {DEMO_BENCH_ACCOUNTS})"
+            "bench: hint: the server locks a maildrop per session; use --spread N with "
+            f"accounts {creds.user}1..{creds.user}N (the demo server has {DEMO_BENCH_ACCOUNTS})"
         )
     if report["sessions"] == 0:
         return EXIT_CONNECT if report["errors"]["connect"] else EXIT_FAILED
@@ -2403,16 +2521,32 @@ def _parser_serve(sub: Any) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _add_secret_arguments(p: Any) -> None:
+    p.add_argument(
+        "--password-command",
+        metavar="CMD",
+        help="run CMD (a shell command) and use the first line it prints as the password",
+    )
+    p.add_argument(
+        "--token-command",
+        metavar="CMD",
+        help="run CMD and use the first line it prints as an OAuth bearer token "
+        "(OAUTHBEARER or XOAUTH2)",
+    )
+
+
 def _parser_fetch(sub: Any) -> None:
     p = sub.add_parser(
         "fetch",
         help="download a maildrop into a Maildir, safely",
         description="Download messages into a Maildir: each message is on disk "
         "and fsynced, and its UID recorded, before it is deleted on the server. "
-        "Password from $POP3_PASSWORD, ~/.netrc or a prompt. Exit 0 only if "
-        "every message was delivered.",
+        "Password from --password-command, $POP3_PASSWORD, ~/.netrc or a prompt; "
+        "a bearer token (;auth=OAUTHBEARER or XOAUTH2) from --token-command or "
+        "$POP3_TOKEN. Exit 0 only if every message was delivered.",
     )
     p.add_argument("url", metavar="URL", help="pop3[s]://user[;auth=MECH]@host[:port]")
+    _add_secret_arguments(p)
     p.add_argument("--maildir", required=True, metavar="DIR", help="destination Maildir")
     p.add_argument("--keep", action="store_true", help="leave messages on the server")
     p.add_argument(
@@ -2477,6 +2611,7 @@ def _parser_bench(sub: Any) -> None:
         "Never deletes anything.",
     )
     p.add_argument("url", metavar="URL", help="pop3[s]://user[;auth=MECH]@host[:port]")
+    _add_secret_arguments(p)
     p.add_argument(
         "--sessions",
         type=int,

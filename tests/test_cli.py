@@ -86,6 +86,7 @@ def demo() -> Iterator[tuple[MemoryMaildrop, int]]:
 @pytest.fixture
 def password(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("POP3_PASSWORD", "demo")
+    monkeypatch.delenv("POP3_TOKEN", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no stray ~/.netrc
 
 
@@ -265,12 +266,18 @@ def test_password_from_environment_then_netrc(tmp_path: Path) -> None:
     assert cli.find_credentials(url, environ={"POP3_PASSWORD": "env"}, netrc_file=str(netrc)) == (
         "alice",
         "env",
+        None,
     )
-    assert cli.find_credentials(url, environ={}, netrc_file=str(netrc)) == ("alice", "from-netrc")
+    assert cli.find_credentials(url, environ={}, netrc_file=str(netrc)) == (
+        "alice",
+        "from-netrc",
+        None,
+    )
     # No user in the URL: netrc names it.
     assert cli.find_credentials(parse_pop_url("pop3://h"), environ={}, netrc_file=str(netrc)) == (
         "alice",
         "from-netrc",
+        None,
     )
     # netrc's entry is for another login: not used; no terminal: a clear error.
     with pytest.raises(UsageError, match="POP3_PASSWORD"):
@@ -294,8 +301,72 @@ def test_password_prompt_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     got = cli.find_credentials(
         parse_pop_url("pop3://u@h"), environ={}, netrc_file="/nonexistent", interactive=True
     )
-    assert got == ("u", "typed")
+    assert got == ("u", "typed", None)
     assert asked == ["Password for u@h: "]
+
+
+def creds(url: str, **kw: Any) -> cli.Credentials:
+    kw.setdefault("environ", {})
+    kw.setdefault("netrc_file", "/nonexistent")
+    kw.setdefault("interactive", False)
+    return cli.find_credentials(parse_pop_url(url), **kw)
+
+
+def test_password_and_token_commands_print_the_first_line() -> None:
+    got = creds("pop3://u@h", password_command="printf 'pw one\\r\\nsecond line\\n'")
+    assert got == ("u", "pw one", None)
+    # An explicit command wins over the environment.
+    got = creds("pop3://u@h", password_command="echo cmd", environ={"POP3_PASSWORD": "env"})
+    assert got.password == "cmd"
+    got = creds("pop3://u;AUTH=XOAUTH2@h", token_command="echo ya29.tok")
+    assert got == ("u", None, "ya29.tok")
+    # Without ;AUTH= a token command chooses a bearer-token login.
+    assert creds("pop3://u@h", token_command="echo t1") == ("u", None, "t1")
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("echo hunter2; exit 3", "exited with status 3"),
+        ("kill -TERM $$", "stopped by signal 15"),
+        ("printf '\\nhunter2\\n'", "nothing on its first line"),
+        ("true", "nothing on its first line"),
+        ("printf 'hunter2\\377\\n'", "not UTF-8"),
+        (f"{sys.executable} -c \"print('x' * 70000)\"", "more than 65536 octets"),
+    ],
+)
+def test_secret_command_failures_never_show_the_output(command: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as info:
+        creds("pop3://u@h", password_command=command)
+    assert "hunter2" not in str(info.value) and "--password-command" in str(info.value)
+
+
+def test_secret_command_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "SECRET_COMMAND_TIMEOUT", 0.3)
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match=r"took more than 0\.3 s"):
+        creds("pop3://u;AUTH=OAUTHBEARER@h", token_command="exec sleep 30")
+    assert time.monotonic() - t0 < 10
+
+
+def test_token_sources_and_what_they_are_for() -> None:
+    env = {"POP3_TOKEN": "envtok", "POP3_PASSWORD": "envpw"}
+    assert creds("pop3://u;AUTH=OAUTHBEARER@h", environ=env) == ("u", None, "envtok")
+    # Without ;AUTH= a token in the environment is used; a named password
+    # mechanism ignores it.
+    assert creds("pop3://u@h", environ=env) == ("u", None, "envtok")
+    assert creds("pop3://u;AUTH=SCRAM-SHA-256@h", environ=env) == ("u", "envpw", None)
+    # An explicit --password-command wins over a token in the environment.
+    assert creds("pop3://u@h", environ=env, password_command="echo c") == ("u", "c", None)
+    with pytest.raises(UsageError, match=r"XOAUTH2 needs a bearer token: set \$POP3_TOKEN"):
+        creds("pop3://u;AUTH=XOAUTH2@h", environ={"POP3_PASSWORD": "pw"})
+    with pytest.raises(UsageError, match="use --token-command"):
+        creds("pop3://u;AUTH=XOAUTH2@h", password_command="echo pw")
+    with pytest.raises(UsageError, match=r"not ;AUTH=\+USER"):
+        creds("pop3://u;AUTH=+USER@h", token_command="echo t")
+    # The user may come from ~/.netrc for a token too.
+    with pytest.raises(UsageError, match="names no user"):
+        creds("pop3://h", environ=env)
 
 
 # ====================================================================== passwd
@@ -863,6 +934,64 @@ def test_fetch_refuses_while_another_fetch_holds_the_account(
         code, _, err = fetch(capsys, f"pop3://demo@127.0.0.1:{port}", tmp_path / "md")
     assert code == 1 and "in use" in err
     assert md.contents("demo") == DEMO
+
+
+@pytest.fixture
+def token_server(certs: dict[str, Path]) -> Iterator[tuple[MemoryMaildrop, int]]:
+    """Implicit TLS; user demo logs in with password "demo" or bearer token "tok-1"."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(certs["cert"]), str(certs["key"]))
+    table = PasswordTable({"demo": "demo"}, tokens={"demo": "tok-1"})
+    md = cli.demo_maildrop(0)
+    config = demo_config(authenticator=table)
+    srv = Server(md, config=config, listen=None, tls_listen=("127.0.0.1", 0), ssl_context=ctx)
+    with srv:
+        yield md, srv.addresses[0][1]
+
+
+@pytest.mark.parametrize("auth", [";AUTH=XOAUTH2", ";AUTH=OAUTHBEARER", ""])
+def test_fetch_with_a_bearer_token(
+    token_server: tuple[MemoryMaildrop, int],
+    certs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    auth: str,
+) -> None:
+    md, port = token_server
+    monkeypatch.delenv("POP3_PASSWORD", raising=False)
+    monkeypatch.delenv("POP3_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    url = f"pop3s://demo{auth}@127.0.0.1:{port}"
+    ca = ("--cafile", str(certs["ca"]))
+    # A wrong token: refused, exit 3, nothing delivered or deleted.
+    code, _, err = fetch(capsys, url, tmp_path / "md", *ca, "--token-command", "echo tok-2")
+    assert code == 3 and "tok-2" not in err, err
+    assert not list((tmp_path / "md" / "new").glob("*")) and md.contents("demo") == DEMO
+    code, out, err = fetch(capsys, url, tmp_path / "md", *ca, "--token-command", "echo tok-1")
+    assert code == 0, err
+    assert out.startswith(f"fetched {len(DEMO)} messages")
+    assert delivered(tmp_path / "md") == [wire_form(x) for x in DEMO]
+    assert md.contents("demo") == []
+
+
+def test_bench_with_a_bearer_token(
+    token_server: tuple[MemoryMaildrop, int],
+    certs: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, port = token_server
+    monkeypatch.setenv("POP3_TOKEN", "tok-1")
+    url = f"pop3s://demo;AUTH=OAUTHBEARER@127.0.0.1:{port}"
+    argv = ["bench", url, "--cafile", str(certs["ca"]), "--sessions", "3", "--concurrency", "1"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sessions"] == 3 and sum(report["errors"].values()) == 0
+    monkeypatch.setenv("POP3_TOKEN", "tok-2")
+    assert main([*argv, "--json"]) != 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sessions"] == 0 and report["errors"]["login"] == 3
 
 
 def test_fetch_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -550,6 +550,10 @@ class DovecotServer:
     users: dict[str, str] = field(default_factory=dict)
     #: ``"secure"`` (Dovecot's defaults) or ``"perf"`` (high-performance login)
     login_mode: str = "secure"
+    #: When set, OAUTHBEARER and XOAUTH2 are offered too, their bearer tokens
+    #: checked by POSTing them to this RFC 7662 introspection URL (which must
+    #: answer ``{"active": true, "username": USER}`` for a valid token).
+    oauth2_introspection_url: str = ""
     host: str = field(default=LOOPBACK, init=False)
     #: plaintext POP3 with STLS; 0 until :meth:`start`
     port: int = field(default=0, init=False)
@@ -717,7 +721,25 @@ class DovecotServer:
                 internal_group = str(os.getgid())
             chroot = ""
         b = self.base
-        login_extra = pop3_extra = anvil_extra = ""
+        login_extra = pop3_extra = anvil_extra = oauth2_passdb = ""
+        mechanisms = [m.lower() for m in DOVECOT_MECHANISMS] + ["apop"]
+        if self.oauth2_introspection_url:
+            oauth2_conf = b / "oauth2.conf.ext"
+            oauth2_conf.write_text(
+                "introspection_mode = post\n"
+                f"introspection_url = {self.oauth2_introspection_url}\n"
+                "username_attribute = username\n"
+                "active_attribute = active\n"
+                "active_value = true\n"
+            )
+            oauth2_conf.chmod(0o644)
+            mechanisms += ["oauthbearer", "xoauth2"]
+            oauth2_passdb = f"""
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {oauth2_conf}
+}}"""
         if self.login_mode == "perf":
             cpus = os.cpu_count() or 1
             login_extra = f"""\
@@ -758,7 +780,7 @@ ssl = yes
 ssl_cert = <{self.certfile}
 ssl_key = <{self.keyfile}
 disable_plaintext_auth = no
-auth_mechanisms = {" ".join(m.lower() for m in DOVECOT_MECHANISMS)} apop
+auth_mechanisms = {" ".join(mechanisms)}
 auth_verbose = yes
 # Tests log in wrongly on purpose: no 2 s failure delay, no per-IP penalty.
 auth_failure_delay = 0
@@ -768,7 +790,7 @@ mail_max_userip_connections = 1000
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.passwd_dir}/%u
-}}
+}}{oauth2_passdb}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={b}/mail/%u
@@ -920,7 +942,11 @@ service anvil {{
 
 @contextlib.contextmanager
 def running_dovecot(
-    workdir: Path, user: str = "alice", password: str = "secret", login_mode: str = "secure"
+    workdir: Path,
+    user: str = "alice",
+    password: str = "secret",
+    login_mode: str = "secure",
+    oauth2_introspection_url: str = "",
 ) -> Iterator[DovecotServer]:
     """Start a :class:`DovecotServer` for *workdir* (a test's temporary directory); stop it after.
 
@@ -939,7 +965,13 @@ def running_dovecot(
         (workdir / "server").symlink_to(base)
     else:
         base = workdir
-    server = DovecotServer(base=base, user=user, password=password, login_mode=login_mode)
+    server = DovecotServer(
+        base=base,
+        user=user,
+        password=password,
+        login_mode=login_mode,
+        oauth2_introspection_url=oauth2_introspection_url,
+    )
     try:
         server.start()
         yield server

@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,7 +26,7 @@ import trustme
 from peers import DOVECOT_MECHANISMS, DovecotServer
 from pop3proto.bindings import sync
 from pop3proto.bindings._common import _signature_hash, server_end_point
-from pop3proto.bindings._sync_client import tls_info_for
+from pop3proto.bindings._sync_client import BULK_LOW_WATER, tls_info_for
 from pop3proto.bindings.sync import (
     Client,
     Pop3Error,
@@ -298,6 +298,89 @@ def login_then(body: Callable[[Peer], None]) -> Callable[[Peer], None]:
             body(peer)
 
     return handler
+
+
+@contextlib.contextmanager
+def _tls_client(srv: LineServer, ca: trustme.CA) -> Iterator[Client]:
+    with connect("127.0.0.1", srv.port, ssl_context=client_context(ca), timeout=5) as c:
+        c.login("u", "p", mechanism="USER")
+        yield c
+
+
+def _bulk_body(size: int) -> bytes:
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxy\r\n"
+    return (line * (size // len(line) + 1))[:size].rsplit(b"\r\n", 1)[0] + b"\r\n"
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.3])
+def test_tls_stream_uses_a_low_water_mark_and_never_waits_past_the_data(
+    ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, pause: float
+) -> None:
+    # A 3 MB message streamed over TLS switches the socket to wake only per
+    # BULK_LOW_WATER; the stream's end (and a pause mid-stream, less than a
+    # low-water mark in flight) is read at once, not after the command
+    # timeout; the next small reply switches it back.
+    body = _bulk_body(3_000_000)
+    first = 100_000
+
+    def serve(peer: Peer) -> None:
+        assert peer.line() == b"RETR 1"
+        peer.send(b"+OK\r\n" + body[:first])
+        time.sleep(pause)
+        peer.send(body[first:] + b".\r\n")
+        assert peer.line() == b"NOOP"
+        time.sleep(pause)
+        peer.send(b"+OK\r\n")
+        assert peer.line() == b"QUIT"
+        peer.send(b"+OK\r\n")
+
+    switched: list[bool] = []
+    real = Client._set_low_water
+
+    def spy(self: Client, sock: socket.socket, on: bool) -> None:
+        real(self, sock, on)
+        switched.append(on)
+        value = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        assert value == (BULK_LOW_WATER if on else 1)
+
+    monkeypatch.setattr(Client, "_set_low_water", spy)
+    server = LineServer(login_then(serve), tls=server_context(ca, "127.0.0.1"))
+    with (
+        server as srv,
+        connect("127.0.0.1", srv.port, ssl_context=client_context(ca), timeout=5) as c,
+    ):
+        c.login("u", "p", mechanism="USER")
+        t0 = time.monotonic()
+        assert c.retrieve(1) == body
+        c.noop()
+        elapsed = time.monotonic() - t0
+    assert switched[0] is True and switched[-1] is False
+    assert elapsed < 4  # the 5 s command timeout never ran out
+    assert not server.errors
+
+
+def test_tls_stream_without_a_low_water_mark(
+    ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where SO_RCVLOWAT cannot be set, the client reads as before.
+    body = _bulk_body(1_000_000)
+
+    def serve(peer: Peer) -> None:
+        assert peer.line() == b"RETR 1"
+        peer.send(b"+OK\r\n" + body + b".\r\n")
+        assert peer.line() == b"QUIT"
+        peer.send(b"+OK\r\n")
+
+    monkeypatch.delattr(socket, "SO_RCVLOWAT")
+    server = LineServer(login_then(serve), tls=server_context(ca, "127.0.0.1"))
+    with (
+        server as srv,
+        connect("127.0.0.1", srv.port, ssl_context=client_context(ca), timeout=5) as c,
+    ):
+        c.login("u", "p", mechanism="USER")
+        assert c.retrieve(1) == body
+        assert c._low_water is None
+    assert not server.errors
 
 
 def test_trickling_body_trips_the_command_deadline() -> None:

@@ -327,7 +327,7 @@ SECRET_COMMAND_TIMEOUT = 120.0
 
 class Credentials(NamedTuple):
     """Who logs in, and with what: a ``password``, or a bearer ``token`` for
-    OAUTHBEARER / XOAUTH2 (exactly one of the two is set)."""
+    OAUTHBEARER / XOAUTH2, or neither for EXTERNAL (a TLS client certificate)."""
 
     user: str
     password: str | None
@@ -342,6 +342,7 @@ def find_credentials(
     interactive: bool | None = None,
     password_command: str | None = None,
     token_command: str | None = None,
+    client_cert: bool = False,
 ) -> Credentials:
     """The credentials for ``url``.
 
@@ -353,9 +354,23 @@ def find_credentials(
     ``$POP3_PASSWORD``, else ``~/.netrc`` (an entry for the host whose login
     matches the user, or names it), else a terminal prompt. Raises
     ``UsageError`` when a credential cannot be had (never prompts without a
-    terminal, never echoes what a command printed)."""
+    terminal, never echoes what a command printed). ``;AUTH=EXTERNAL`` needs
+    neither: the TLS ``client_cert`` is the credential (the user then names
+    only the local record of what was fetched)."""
     env = os.environ if environ is None else environ
     mechanism = url.mechanism
+    if mechanism == "EXTERNAL":
+        if not client_cert:
+            raise UsageError("EXTERNAL logs in with a TLS client certificate: give --cert")
+        if password_command is not None or token_command is not None:
+            raise UsageError("EXTERNAL takes no password or token, only --cert")
+        user = url.user
+        if user is None:
+            entry = _netrc_entry(url.host, netrc_file)
+            user = entry[0] if entry is not None and entry[0] else None
+        if user is None:
+            raise UsageError("the URL names no user (pop3://USER@HOST) and ~/.netrc has none")
+        return Credentials(user, None)
     wants_token = mechanism in TOKEN_MECHANISMS
     if token_command is not None and not (mechanism is None or wants_token):
         raise UsageError(
@@ -1454,6 +1469,8 @@ class FetchOptions:
     stls: bool = True
     #: A bearer token for OAUTHBEARER or XOAUTH2 (see ``find_credentials``).
     token: str | None = None
+    #: A client certificate (chain file, key file or None) for TLS and EXTERNAL.
+    client_cert: tuple[str, str | None] | None = None
 
 
 @dataclass
@@ -1491,13 +1508,23 @@ class FetchResult:
         return line
 
 
-def _client_ssl_context(cafile: str | None) -> ssl.SSLContext:
+def _client_ssl_context(
+    cafile: str | None, client_cert: tuple[str, str | None] | None = None
+) -> ssl.SSLContext:
+    """Verifies the server (``cafile`` adds CAs); presents ``client_cert``
+    (certificate chain, key file or None for a key inside it) when asked."""
     import ssl
 
     try:
-        return ssl.create_default_context(cafile=cafile)
+        ctx = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"--cafile {cafile}: {exc}") from None
+    if client_cert is not None:
+        try:
+            ctx.load_cert_chain(*client_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--cert {client_cert[0]}: {exc}") from None
+    return ctx
 
 
 def _open_client(
@@ -1508,6 +1535,7 @@ def _open_client(
     timeout: float,
     max_message_size: int | None = None,
     stls: bool = True,
+    client_cert: tuple[str, str | None] | None = None,
 ) -> Client:
     """Connect for ``url``: implicit TLS for pop3s://; for pop3:// STLS is
     required unless ``insecure`` or the host is loopback, where STLS is used
@@ -1520,7 +1548,8 @@ def _open_client(
     permissive = insecure or _is_loopback_literal(url.host)
     # Loading the system's CA store takes tens of milliseconds: only when TLS
     # is certain, or a --cafile is to be checked now; else at STLS.
-    ctx = _client_ssl_context(cafile) if url.tls or cafile or not permissive else None
+    tls_now = url.tls or cafile or client_cert or not permissive
+    ctx = _client_ssl_context(cafile, client_cert) if tls_now else None
     if url.tls:
         return connect(
             url.host, url.port, tls=True, ssl_context=ctx, timeout=timeout, limits=limits
@@ -1538,7 +1567,7 @@ def _open_client(
         try:
             caps = client.capabilities() if stls else None
             if caps is not None and caps.stls:
-                client.starttls(ctx if ctx is not None else _client_ssl_context(cafile))
+                client.starttls(ctx if ctx is not None else _client_ssl_context(cafile, None))
         except BaseException:
             client.close()
             raise
@@ -1565,8 +1594,10 @@ def _connect_and_login(
     timeout: float,
     max_message_size: int | None = None,
     stls: bool = True,
+    client_cert: tuple[str, str | None] | None = None,
 ) -> Client:
-    """Connected and logged in, or ``_Exit`` with code 4 (connect/TLS) or 3 (login)."""
+    """Connected and logged in, or ``_Exit`` with code 4 (connect/TLS) or 3 (login).
+    ``;AUTH=EXTERNAL`` logs in with ``client_cert``'s identity."""
     from pop3proto import Pop3Error, Pop3TLSError, ProtocolError
 
     where = _url_host(url.host, url.port)
@@ -1578,6 +1609,7 @@ def _connect_and_login(
             timeout=timeout,
             max_message_size=max_message_size,
             stls=stls,
+            client_cert=client_cert,
         )
     except Pop3TLSError as exc:
         hint = "" if url.tls or insecure else " (use pop3s://, or --insecure to allow plaintext)"
@@ -1585,7 +1617,8 @@ def _connect_and_login(
     except (Pop3Error, ProtocolError, OSError) as exc:  # OSError: ssl.SSLError too
         raise _Exit(EXIT_CONNECT, f"cannot connect to {where}: {exc}") from None
     try:
-        client.login(user, password, mechanism=url.mechanism, token=token)
+        external = url.mechanism == "EXTERNAL"
+        client.login(user, password, mechanism=url.mechanism, token=token, external=external)
     except Pop3TLSError as exc:
         client.close()
         raise _Exit(EXIT_AUTH, f"login refused without TLS: {exc} (--insecure allows it)") from None
@@ -1662,6 +1695,7 @@ def run_fetch(opts: FetchOptions, *, stderr: IO[str] | None = None) -> FetchResu
             timeout=opts.timeout,
             max_message_size=opts.max_size,
             stls=opts.stls,
+            client_cert=opts.client_cert,
         )
         result.connected = True
         _fetch_session(client, store, delivery, opts, result, fail, err)
@@ -1966,15 +2000,14 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         raise UsageError("--no-stls is for pop3:// URLs (pop3s:// is TLS from the start)")
     if args.no_stls and not (args.insecure or _is_loopback_literal(url.host)):
         raise UsageError("--no-stls needs --insecure unless the server is on loopback")
-    creds = find_credentials(
-        url, password_command=args.password_command, token_command=args.token_command
-    )
+    creds = _credentials_from(url, args)
     opts = FetchOptions(
         url=url,
         maildir=args.maildir,
         user=creds.user,
         password=creds.password,
         token=creds.token,
+        client_cert=_client_cert_from(args),
         keep=args.keep,
         cafile=args.cafile,
         delete_after_days=args.delete_after_days,
@@ -2026,6 +2059,8 @@ class BenchOptions:
     top_lines: int = 0
     #: A bearer token for OAUTHBEARER or XOAUTH2 (see ``find_credentials``).
     token: str | None = None
+    #: A client certificate (chain file, key file or None) for TLS and EXTERNAL.
+    client_cert: tuple[str, str | None] | None = None
 
 
 #: The steps ``bench --mix`` knows, in the order of the report's error counts.
@@ -2088,7 +2123,8 @@ async def _bench(opts: BenchOptions) -> dict[str, Any]:
     errors = dict.fromkeys(_PHASES, 0)
     samples: list[str] = []
     totals = {"messages": 0, "bytes": 0}
-    ctx = _client_ssl_context(opts.cafile) if url.tls or not opts.insecure else None
+    tls_now = url.tls or opts.client_cert or not opts.insecure
+    ctx = _client_ssl_context(opts.cafile, opts.client_cert) if tls_now else None
     loopback = _is_loopback_literal(url.host)
     begin = time.perf_counter()
     deadline = begin + opts.duration
@@ -2113,7 +2149,13 @@ async def _bench(opts: BenchOptions) -> dict[str, Any]:
                     timeout=opts.timeout,
                 )
             phase = "login"
-            await client.login(user, opts.password, mechanism=url.mechanism, token=opts.token)
+            await client.login(
+                user,
+                opts.password,
+                mechanism=url.mechanism,
+                token=opts.token,
+                external=url.mechanism == "EXTERNAL",
+            )
             t_login = time.perf_counter() - t0
             count: int | None = None
             got = octets = 0
@@ -2241,14 +2283,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{url.host} is not a loopback address: pass --allow-remote to load a remote server"
         )
-    creds = find_credentials(
-        url, password_command=args.password_command, token_command=args.token_command
-    )
+    creds = _credentials_from(url, args)
     opts = BenchOptions(
         url=url,
         user=creds.user,
         password=creds.password,
         token=creds.token,
+        client_cert=_client_cert_from(args),
         sessions=args.sessions,
         concurrency=args.concurrency,
         duration=args.duration,
@@ -2521,6 +2562,22 @@ def _parser_serve(sub: Any) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _client_cert_from(args: argparse.Namespace) -> tuple[str, str | None] | None:
+    if args.key and not args.cert:
+        raise UsageError("--key needs --cert")
+    return (args.cert, args.key) if args.cert else None
+
+
+def _credentials_from(url: PopUrl, args: argparse.Namespace) -> Credentials:
+    _client_cert_from(args)  # its usage errors first
+    return find_credentials(
+        url,
+        password_command=args.password_command,
+        token_command=args.token_command,
+        client_cert=bool(args.cert),
+    )
+
+
 def _add_secret_arguments(p: Any) -> None:
     p.add_argument(
         "--password-command",
@@ -2533,6 +2590,12 @@ def _add_secret_arguments(p: Any) -> None:
         help="run CMD and use the first line it prints as an OAuth bearer token "
         "(OAUTHBEARER or XOAUTH2)",
     )
+    p.add_argument(
+        "--cert",
+        metavar="PEM",
+        help="TLS client certificate chain (;auth=EXTERNAL logs in with its identity)",
+    )
+    p.add_argument("--key", metavar="PEM", help="its private key (default: in --cert)")
 
 
 def _parser_fetch(sub: Any) -> None:
@@ -2543,7 +2606,8 @@ def _parser_fetch(sub: Any) -> None:
         "and fsynced, and its UID recorded, before it is deleted on the server. "
         "Password from --password-command, $POP3_PASSWORD, ~/.netrc or a prompt; "
         "a bearer token (;auth=OAUTHBEARER or XOAUTH2) from --token-command or "
-        "$POP3_TOKEN. Exit 0 only if every message was delivered.",
+        "$POP3_TOKEN; ;auth=EXTERNAL logs in with a TLS client certificate (--cert). "
+        "Exit 0 only if every message was delivered.",
     )
     p.add_argument("url", metavar="URL", help="pop3[s]://user[;auth=MECH]@host[:port]")
     _add_secret_arguments(p)

@@ -994,6 +994,62 @@ def test_bench_with_a_bearer_token(
     assert report["sessions"] == 0 and report["errors"]["login"] == 3
 
 
+def test_fetch_with_a_client_certificate_and_external(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    server_ctx.verify_mode = ssl.CERT_OPTIONAL  # asked for, not required
+    ca.configure_trust(server_ctx)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for name in ("demo", "mallory"):
+        cert = ca.issue_cert(f"{name}@example.org", common_name=name)
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / f"{name}.pem"))
+    table = PasswordTable({"demo": "demo"}, allow_external=True)
+    md = cli.demo_maildrop(0)
+    monkeypatch.delenv("POP3_PASSWORD", raising=False)
+    monkeypatch.delenv("POP3_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = demo_config(authenticator=table)
+    srv = Server(
+        md, config=config, listen=None, tls_listen=("127.0.0.1", 0), ssl_context=server_ctx
+    )
+    with srv:
+        url = f"pop3s://demo;AUTH=EXTERNAL@127.0.0.1:{srv.addresses[0][1]}"
+        ca_arg = ("--cafile", str(tmp_path / "ca.pem"))
+        # A certificate for somebody without a maildrop: refused, nothing delivered.
+        mallory = ("--cert", str(tmp_path / "mallory.pem"))
+        code, _, err = fetch(capsys, url, tmp_path / "md", *ca_arg, *mallory)
+        assert code == 3, err
+        assert md.contents("demo") == DEMO
+        # No password anywhere: the certificate is the credential.
+        demo = ("--cert", str(tmp_path / "demo.pem"))
+        code, _, err = fetch(capsys, url, tmp_path / "md", *ca_arg, *demo)
+        assert code == 0, err
+    assert delivered(tmp_path / "md") == [wire_form(x) for x in DEMO]
+    assert md.contents("demo") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pop3s://u;AUTH=EXTERNAL@h"], "give --cert"),
+        (["pop3s://u@h", "--key", "k.pem"], "--key needs --cert"),
+        (["pop3s://u;AUTH=EXTERNAL@h", "--cert", "/nonexistent.pem"], "--cert /nonexistent.pem"),
+        (
+            ["pop3s://u;AUTH=EXTERNAL@h", "--cert", "c.pem", "--password-command", "echo x"],
+            "EXTERNAL takes no",
+        ),
+    ],
+)
+def test_client_certificate_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, _, err = fetch(capsys, args[0], tmp_path / "md", *args[1:])
+    assert code == 2 and message in err
+
+
 def test_fetch_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fetch", "pop3://u:pw@h", "--maildir", str(tmp_path)]) == 2
     assert "no passwords" in capsys.readouterr().err

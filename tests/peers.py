@@ -554,6 +554,9 @@ class DovecotServer:
     #: checked by POSTing them to this RFC 7662 introspection URL (which must
     #: answer ``{"active": true, "username": USER}`` for a valid token).
     oauth2_introspection_url: str = ""
+    #: When set, EXTERNAL is offered too: a client certificate signed by this
+    #: CA (PEM) logs in as its commonName (no CRL is required).
+    client_ca: Path | None = None
     host: str = field(default=LOOPBACK, init=False)
     #: plaintext POP3 with STLS; 0 until :meth:`start`
     port: int = field(default=0, init=False)
@@ -740,6 +743,23 @@ passdb {{
   mechanisms = xoauth2 oauthbearer
   args = {oauth2_conf}
 }}"""
+        client_certs = external_passdb = ""
+        if self.client_ca is not None:
+            mechanisms.append("external")
+            client_certs = f"""
+ssl_ca = <{self.client_ca}
+ssl_verify_client_cert = yes
+ssl_require_crl = no
+auth_ssl_username_from_cert = yes
+"""
+            # EXTERNAL checks an empty password: the verified certificate is
+            # the only credential, so its passdb answers "no password".
+            external_passdb = """
+passdb {
+  driver = static
+  mechanisms = external
+  args = nopassword=y
+}"""
         if self.login_mode == "perf":
             cpus = os.cpu_count() or 1
             login_extra = f"""\
@@ -779,7 +799,7 @@ listen = {self.host}
 ssl = yes
 ssl_cert = <{self.certfile}
 ssl_key = <{self.keyfile}
-disable_plaintext_auth = no
+disable_plaintext_auth = no{client_certs}
 auth_mechanisms = {" ".join(mechanisms)}
 auth_verbose = yes
 # Tests log in wrongly on purpose: no 2 s failure delay, no per-IP penalty.
@@ -787,6 +807,7 @@ auth_failure_delay = 0
 mail_location = maildir:{b}/mail/%u
 mail_max_userip_connections = 1000
 
+{external_passdb}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.passwd_dir}/%u
@@ -947,6 +968,7 @@ def running_dovecot(
     password: str = "secret",
     login_mode: str = "secure",
     oauth2_introspection_url: str = "",
+    client_ca: Path | None = None,
 ) -> Iterator[DovecotServer]:
     """Start a :class:`DovecotServer` for *workdir* (a test's temporary directory); stop it after.
 
@@ -971,6 +993,7 @@ def running_dovecot(
         password=password,
         login_mode=login_mode,
         oauth2_introspection_url=oauth2_introspection_url,
+        client_ca=client_ca,
     )
     try:
         server.start()

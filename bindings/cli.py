@@ -636,7 +636,7 @@ class _ServeSetup:
 
 def _serve_setup(args: argparse.Namespace) -> _ServeSetup:
     from pop3proto import ServerConfig
-    from pop3proto._auth import CredentialFileError, FailureDelay, load_credentials
+    from pop3proto._auth import CredentialFileError, FailureDelay
     from pop3proto._server import ConnectionLimiter
 
     from ._common import server_certificate_der
@@ -662,15 +662,12 @@ def _serve_setup(args: argparse.Namespace) -> _ServeSetup:
             raise UsageError(f"--maildir {args.maildir}: not a directory")
         if not args.users:
             raise UsageError("--maildir needs --users FILE")
+        from .credentials import CredentialFile
+
         try:
-            with open(args.users, encoding="utf-8") as fh:
-                text = fh.read(16 * 1024 * 1024 + 1)
+            authenticator = CredentialFile(args.users)
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read --users {args.users}: {exc}") from None
-        if len(text) > 16 * 1024 * 1024:
-            raise UsageError(f"--users {args.users} is larger than 16 MiB")
-        try:
-            authenticator = load_credentials(text)
         except (CredentialFileError, ValueError) as exc:
             raise UsageError(f"--users {args.users}: {exc}") from None
         maildrop = Maildir(args.maildir)
@@ -1044,6 +1041,8 @@ def set_password(path: str, user: str, password: str, *, iterations: int = 4096)
     )
     from pop3proto._sasl import SaslError, prepare_identity
 
+    from .credentials import MAX_CREDENTIAL_FILE
+
     try:
         entry = format_entry(
             user,
@@ -1057,12 +1056,12 @@ def set_password(path: str, user: str, password: str, *, iterations: int = 4096)
         raise UsageError(str(exc)) from None
     try:
         with open(path, encoding="utf-8", newline="") as fh:
-            old = fh.read(16 * 1024 * 1024 + 1)
+            old = fh.read(MAX_CREDENTIAL_FILE + 1)
     except FileNotFoundError:
         old = ""
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
-    if len(old) > 16 * 1024 * 1024:
+    if len(old) > MAX_CREDENTIAL_FILE:
         raise UsageError(f"{path} is larger than 16 MiB")
     try:
         parse_file(old)

@@ -380,7 +380,9 @@ class PasswordTable:
     presented passwords (USER/PASS, PLAIN, LOGIN) are checked by recomputing the
     SaltedPassword; CRAM-MD5 and APOP fail for that user. ``tokens`` maps users to their
     valid bearer tokens; ``proxies`` maps a user to the users it may act as;
-    ``allow_external`` enables EXTERNAL.
+    ``allow_external`` enables EXTERNAL. ``salt_key`` (32 random bytes by default)
+    keys the salts made up for unknown users and for users stored in plaintext:
+    tables that share it (one file read again) give every name the same salt.
 
     An unknown user is checked against a decoy secret of the same kind and cost as the
     stored ones (a verifier with the highest iteration count when any user is stored by
@@ -396,6 +398,7 @@ class PasswordTable:
         tokens: Mapping[str, str | Iterable[str]] | None = None,
         proxies: Mapping[str, Iterable[str]] | None = None,
         allow_external: bool = False,
+        salt_key: bytes | None = None,
     ) -> None:
         self._entries: dict[str, _Entry] = {}
         for user, value in (entries or {}).items():
@@ -415,7 +418,9 @@ class PasswordTable:
             for user, targets in (proxies or {}).items()
         }
         self._allow_external = allow_external
-        self._salt_key = secrets.token_bytes(32)
+        self._salt_key = secrets.token_bytes(32) if salt_key is None else salt_key
+        if len(self._salt_key) < 16:
+            raise ValueError("salt_key must have at least 16 bytes")
         self._derived: dict[tuple[str, str], ScramCredentials] = {}
         self._dummy_token = secrets.token_hex(32).encode("ascii")
         self._dummy_plain = secrets.token_hex(16)
@@ -484,18 +489,31 @@ class PasswordTable:
             if entry.plaintext is not None:
                 cached = self._derived.get((key, hash_name))
                 if cached is None:
+                    salt = self._made_up_salt(key, hash_name)
                     cached = derive_scram_credentials(
-                        hash_name, entry.plaintext, os.urandom(16), MIN_SCRAM_ITERATIONS
+                        hash_name, entry.plaintext, salt, MIN_SCRAM_ITERATIONS
                     )
                     self._derived[(key, hash_name)] = cached
                 return cached
         return self._decoy_scram(user, hash_name)
 
+    def _made_up_salt(self, name: str, hash_name: str) -> bytes:
+        """The salt of a user without a stored verifier: the same for a name
+        whether it exists (in plaintext) or not, stable while ``salt_key`` is."""
+        return hmac.new(self._salt_key, f"{hash_name}\0{name}".encode(), "sha256").digest()[:16]
+
     def _decoy_scram(self, user: str, hash_name: str) -> ScramCredentials:
         size = _DIGEST_SIZES[hash_name]
-        salt = hmac.new(self._salt_key, f"{hash_name}\0{user}".encode(), "sha256").digest()
+        try:
+            name = prepare_identity(user)
+        except SaslError:
+            name = user
         return ScramCredentials(
-            hash_name, self._decoy_iterations, salt[:16], os.urandom(size), os.urandom(size)
+            hash_name,
+            self._decoy_iterations,
+            self._made_up_salt(name, hash_name),
+            os.urandom(size),
+            os.urandom(size),
         )
 
     def _plain_secret(self, user: str) -> str | None:
@@ -551,13 +569,18 @@ def load_credentials(
     tokens: Mapping[str, str | Iterable[str]] | None = None,
     proxies: Mapping[str, Iterable[str]] | None = None,
     allow_external: bool = False,
+    salt_key: bytes | None = None,
 ) -> PasswordTable:
     """A :class:`PasswordTable` from credential-file text (see the module docstring).
 
     Raises :class:`CredentialFileError` for an invalid file.
     """
     return PasswordTable(
-        parse_file(text), tokens=tokens, proxies=proxies, allow_external=allow_external
+        parse_file(text),
+        tokens=tokens,
+        proxies=proxies,
+        allow_external=allow_external,
+        salt_key=salt_key,
     )
 
 

@@ -308,6 +308,24 @@ def test_unknown_user_decoy_scram_credentials() -> None:
     assert PasswordTable({"x": "y"}).scram_credentials("nobody", "SHA-1").salt != a.salt
 
 
+@pytest.mark.parametrize("hash_name", ["SHA-1", "SHA-256"])
+def test_shared_salt_key_hides_whether_a_plaintext_user_exists(hash_name: str) -> None:
+    # Tables sharing a salt_key (a credential file read again) give a name
+    # the same made-up salt and iteration count whether it is stored in
+    # plaintext or unknown; and a name in another spelling that prepares to
+    # the same identity gets the same salt too.
+    key = bytes(range(32))
+    with_carol = PasswordTable({"carol": "pw", "x": "y"}, salt_key=key)
+    without = PasswordTable({"x": "y"}, salt_key=key)
+    a = with_carol.scram_credentials("carol", hash_name)
+    b = without.scram_credentials("carol", hash_name)
+    assert (a.salt, a.iterations) == (b.salt, b.iterations)
+    assert without.scram_credentials("car\u00adol", hash_name).salt == b.salt
+    assert PasswordTable({"x": "y"}).scram_credentials("carol", hash_name).salt != b.salt
+    with pytest.raises(ValueError, match="salt_key"):
+        PasswordTable({"x": "y"}, salt_key=b"short")
+
+
 def test_compare_digest_used_by_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """HARDENING 37."""
     calls: list[tuple[object, object]] = []

@@ -623,8 +623,31 @@ def test_serve_maildir_with_passwd_users_scram_login(tmp_path: Path) -> None:
                 assert c.retrieve(1) == b"Subject: stored\r\n\r\nline\r\n.dot\r\n"
         with connect("127.0.0.1", port, tls=False) as c, pytest.raises(p.Pop3Error):
             c.login("erin", "wrong", mechanism="SCRAM-SHA-256")
-        code, _ = stop(proc)
+        # Changed while it runs: a new user and a new password, no restart.
+        Maildir(root).add("frank", b"Subject: new\n\nhi\n")
+        write_users(users, ("frank", "n3w-user"), ("erin", "n3w-pass"))
+        assert _eventually_logs_in(port, "frank", "n3w-user")
+        assert _eventually_logs_in(port, "erin", "n3w-pass")
+        with connect("127.0.0.1", port, tls=False) as c, pytest.raises(p.Pop3Error):
+            c.login("erin", "pa55word", mechanism="SCRAM-SHA-256")
+        code, err = stop(proc)
     assert code == 0
+    assert "read again" in err
+
+
+def _eventually_logs_in(port: int, user: str, password: str, within: float = 10.0) -> bool:
+    """The server checks its credential file at most once a second."""
+    deadline = time.monotonic() + within
+    while True:
+        with connect("127.0.0.1", port, tls=False) as c:
+            try:
+                c.login(user, password, mechanism="SCRAM-SHA-256")
+            except p.Pop3Error:
+                if time.monotonic() > deadline:
+                    return False
+            else:
+                return True
+        time.sleep(0.2)
 
 
 def _listening_pids(port: int) -> set[int]:

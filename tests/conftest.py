@@ -54,3 +54,16 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 # --- end of engine backends ------------------------------------------------------
+
+
+# --- credentials ---------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+
+@pytest.fixture
+def no_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No $POP3_PASSWORD, no $POP3_TOKEN and an empty home (no ~/.netrc): a
+    command-line login gets only the credentials its test gives it."""
+    monkeypatch.delenv("POP3_PASSWORD", raising=False)
+    monkeypatch.delenv("POP3_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "empty-home"))

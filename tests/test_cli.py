@@ -959,17 +959,23 @@ def test_fetch_refuses_while_another_fetch_holds_the_account(
     assert md.contents("demo") == DEMO
 
 
-@pytest.fixture
-def token_server(certs: dict[str, Path]) -> Iterator[tuple[MemoryMaildrop, int]]:
-    """Implicit TLS; user demo logs in with password "demo" or bearer token "tok-1"."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(certs["cert"]), str(certs["key"]))
-    table = PasswordTable({"demo": "demo"}, tokens={"demo": "tok-1"})
+@contextlib.contextmanager
+def running_tls(table: PasswordTable, ctx: ssl.SSLContext) -> Iterator[tuple[MemoryMaildrop, int]]:
+    """The demo maildrop over implicit TLS only, logins checked by ``table``."""
     md = cli.demo_maildrop(0)
     config = demo_config(authenticator=table)
     srv = Server(md, config=config, listen=None, tls_listen=("127.0.0.1", 0), ssl_context=ctx)
     with srv:
         yield md, srv.addresses[0][1]
+
+
+@pytest.fixture
+def token_server(certs: dict[str, Path]) -> Iterator[tuple[MemoryMaildrop, int]]:
+    """User demo logs in with password "demo" or bearer token "tok-1"."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(certs["cert"]), str(certs["key"]))
+    with running_tls(PasswordTable({"demo": "demo"}, tokens={"demo": "tok-1"}), ctx) as server:
+        yield server
 
 
 @pytest.mark.parametrize("auth", [";AUTH=XOAUTH2", ";AUTH=OAUTHBEARER", ""])
@@ -978,13 +984,10 @@ def test_fetch_with_a_bearer_token(
     certs: dict[str, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    no_secrets: None,
     auth: str,
 ) -> None:
     md, port = token_server
-    monkeypatch.delenv("POP3_PASSWORD", raising=False)
-    monkeypatch.delenv("POP3_TOKEN", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
     url = f"pop3s://demo{auth}@127.0.0.1:{port}"
     ca = ("--cafile", str(certs["ca"]))
     # A wrong token: refused, exit 3, nothing delivered or deleted.
@@ -1018,7 +1021,7 @@ def test_bench_with_a_bearer_token(
 
 
 def test_fetch_with_a_client_certificate_and_external(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_secrets: None
 ) -> None:
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -1030,16 +1033,8 @@ def test_fetch_with_a_client_certificate_and_external(
         cert = ca.issue_cert(f"{name}@example.org", common_name=name)
         cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / f"{name}.pem"))
     table = PasswordTable({"demo": "demo"}, allow_external=True)
-    md = cli.demo_maildrop(0)
-    monkeypatch.delenv("POP3_PASSWORD", raising=False)
-    monkeypatch.delenv("POP3_TOKEN", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    config = demo_config(authenticator=table)
-    srv = Server(
-        md, config=config, listen=None, tls_listen=("127.0.0.1", 0), ssl_context=server_ctx
-    )
-    with srv:
-        url = f"pop3s://demo;AUTH=EXTERNAL@127.0.0.1:{srv.addresses[0][1]}"
+    with running_tls(table, server_ctx) as (md, port):
+        url = f"pop3s://demo;AUTH=EXTERNAL@127.0.0.1:{port}"
         ca_arg = ("--cafile", str(tmp_path / "ca.pem"))
         # A certificate for somebody without a maildrop: refused, nothing delivered.
         mallory = ("--cert", str(tmp_path / "mallory.pem"))

@@ -96,11 +96,8 @@ def test_fetch_with_a_client_certificate_from_dovecot(
     client_ca: trustme.CA,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    no_secrets: None,
 ) -> None:
-    monkeypatch.delenv("POP3_PASSWORD", raising=False)
-    monkeypatch.delenv("POP3_TOKEN", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
     pem = tmp_path / "me.pem"
     cert = client_ca.issue_cert(f"{USER}@example.org", common_name=USER)
     cert.private_key_and_cert_chain_pem.write_to_path(str(pem))

@@ -145,12 +145,9 @@ def test_fetch_with_a_token_command_from_dovecot(
     oauth_dovecot: DovecotServer,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    no_secrets: None,
     auth: str,
 ) -> None:
-    monkeypatch.delenv("POP3_PASSWORD", raising=False)
-    monkeypatch.delenv("POP3_TOKEN", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
     helper = f"{shlex.quote(sys.executable)} -c \"print('tok-oauser')\""
     url = f"pop3s://oauser{auth}@127.0.0.1:{oauth_dovecot.tls_port}"
     argv = ["fetch", url, "--maildir", str(tmp_path / "md"), "--keep"]

@@ -675,12 +675,16 @@ class ClientSession:
         mech = make()  # SaslError (a ValueError) for bad input, before any byte
         caps = self.conn.capabilities
         ir = mech.initial_response()
-        one_line = ir is not None and caps is not None and "SASL" in caps and _fits(name, ir)
+        may_ir = ir is not None and caps is not None and "SASL" in caps
+        one_line = may_ir and _fits(name, ir or b"")
         reply, rounds = yield from self._auth_exchange(mech, name, ir if one_line else None)
-        if isinstance(reply, ev.Err) and one_line and rounds == 0 and not _final_code(reply):
-            # Some servers (XOAUTH2 at some providers) reject the one-line
-            # form: ask again with the initial response after "+ ".
-            reply, rounds = yield from self._auth_exchange(make(), name, None)
+        if isinstance(reply, ev.Err) and may_ir and rounds == 0 and not _final_code(reply):
+            # Refused before any exchange: try the other form once. Some
+            # servers (XOAUTH2 at some providers) reject the one-line form and
+            # want the initial response after "+ "; others document only the
+            # one-line form, even past RFC 5034's 255 octets (an OAuth token
+            # is long), which is then sent as a last resort.
+            reply, rounds = yield from self._auth_exchange(make(), name, None if one_line else ir)
         if isinstance(reply, ev.Err):
             raise Pop3Error(reply.text, reply.code)
         self.mechanism = name

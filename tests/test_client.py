@@ -713,6 +713,33 @@ def test_rejected_one_line_form_is_retried_in_two_steps() -> None:
     assert session.state is p.State.TRANSACTION
 
 
+@pytest.mark.parametrize("code", [b"", b"[AUTH] "])
+def test_refused_two_step_form_is_retried_on_one_line_past_255_octets(code: bytes) -> None:
+    # A long token does not fit RFC 5034's 255 octets, so the two-step form
+    # comes first; a server that refuses it outright (no "+ " at all) gets the
+    # one-line form once, unless its refusal is final ([AUTH]).
+    token = "ya29." + "t" * 400
+    ir = b64encode(f"user={USER}\x01auth=Bearer {token}\x01\x01".encode())
+    script: list[tuple[bytes, bytes | None]] = [
+        (b"CAPA", b"+OK\r\nSASL XOAUTH2\r\n.\r\n"),
+        (b"AUTH XOAUTH2", b"-ERR " + code + b"initial response required\r\n"),
+    ]
+    if not code:
+        script.append((b"AUTH XOAUTH2 " + ir, b"+OK welcome\r\n"))
+    server = ScriptedServer(b"+OK hi\r\n", script)
+    session = opened(server, tls_active=True)
+    if code:
+        with pytest.raises(Pop3Error, match="initial response required"):
+            drive(session.login(USER, token=token), server)
+        assert session.state is p.State.AUTHORIZATION
+    else:
+        drive(session.login(USER, token=token), server)
+        assert session.state is p.State.TRANSACTION and session.mechanism == "XOAUTH2"
+    auths = [line for line in server.received.split(b"\r\n") if line.startswith(b"AUTH")]
+    assert auths[0] == b"AUTH XOAUTH2"
+    assert auths[1:] == ([] if code else [b"AUTH XOAUTH2 " + ir])
+
+
 def test_malformed_challenge_is_cancelled() -> None:
     server = ScriptedServer(
         b"+OK hi\r\n",

@@ -28,8 +28,12 @@ from pop3proto import Pop3Error
 
 pytestmark = pytest.mark.peers
 
+#: A token as long as real ones: the AUTH line would pass RFC 5034's 255
+#: octets, so the client sends it after "+ " (two steps).
+LONG_TOKEN = "ya29." + "x" * 1200
+
 #: The tokens the introspection endpoint calls active, and whose they are.
-TOKENS = {"tok-oauser": "oauser", "tok-other": "someone-else"}
+TOKENS = {"tok-oauser": "oauser", "tok-other": "someone-else", LONG_TOKEN: "oauser"}
 
 
 class Introspection:
@@ -109,6 +113,17 @@ def test_bearer_token_login_with_dovecot(
         assert endpoint.seen == ["tok-oauser"]  # Dovecot really asked the endpoint
         manifest = oauth_dovecot.manifest("oauser")
         assert all(manifest.matches(n, c.retrieve(n)) for n in (1, 2, 3))
+
+
+@pytest.mark.parametrize("mechanism", ["OAUTHBEARER", "XOAUTH2"])
+def test_long_token_in_two_steps_with_dovecot(
+    oauth_dovecot: DovecotServer, endpoint: Introspection, mechanism: str
+) -> None:
+    with connect("127.0.0.1", oauth_dovecot.tls_port, ssl_context=_ctx(oauth_dovecot)) as c:
+        endpoint.seen.clear()
+        c.login("oauser", token=LONG_TOKEN, mechanism=mechanism)
+        assert c.session.mechanism == mechanism and endpoint.seen == [LONG_TOKEN]
+        assert c.stat()[0] == 3
 
 
 @pytest.mark.parametrize("mechanism", ["OAUTHBEARER", "XOAUTH2"])

@@ -326,8 +326,9 @@ SECRET_COMMAND_TIMEOUT = 120.0
 
 
 class Credentials(NamedTuple):
-    """Who logs in, and with what: a ``password``, or a bearer ``token`` for
-    OAUTHBEARER / XOAUTH2, or neither for EXTERNAL (a TLS client certificate)."""
+    """Who logs in, and with what: a ``password``, a bearer ``token`` for
+    OAUTHBEARER / XOAUTH2, both (the token is used where the server offers
+    those), or neither for EXTERNAL (a TLS client certificate)."""
 
     user: str
     password: str | None
@@ -351,7 +352,8 @@ def find_credentials(
     the first line ``token_command`` prints, else ``$POP3_TOKEN``. Without
     ``;AUTH=`` such a token is used when one is given that way. Otherwise the
     password is the first line ``password_command`` prints, else
-    ``$POP3_PASSWORD``, else ``~/.netrc`` (an entry for the host whose login
+    ``$POP3_PASSWORD`` (also kept beside a ``$POP3_TOKEN`` for a server that
+    offers no token mechanism), else ``~/.netrc`` (an entry for the host whose login
     matches the user, or names it), else a terminal prompt. Raises
     ``UsageError`` when a credential cannot be had (never prompts without a
     terminal, never echoes what a command printed). ``;AUTH=EXTERNAL`` needs
@@ -403,7 +405,10 @@ def find_credentials(
     if user is None:
         raise UsageError("the URL names no user (pop3://USER@HOST) and ~/.netrc has none")
     if token is not None:
-        return Credentials(user, None, token)
+        # Both from the environment and no ;AUTH=: the client takes the
+        # token where the server offers OAUTHBEARER or XOAUTH2, else the password.
+        ambient = mechanism is None and token_command is None
+        return Credentials(user, env.get("POP3_PASSWORD") or None if ambient else None, token)
     if password is None:
         tty = sys.stdin.isatty() if interactive is None else interactive
         if not tty:

@@ -352,9 +352,12 @@ def test_secret_command_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_token_sources_and_what_they_are_for() -> None:
     env = {"POP3_TOKEN": "envtok", "POP3_PASSWORD": "envpw"}
     assert creds("pop3://u;AUTH=OAUTHBEARER@h", environ=env) == ("u", None, "envtok")
-    # Without ;AUTH= a token in the environment is used; a named password
-    # mechanism ignores it.
-    assert creds("pop3://u@h", environ=env) == ("u", None, "envtok")
+    # Without ;AUTH= both environment credentials go to the login (the token
+    # where the server offers a token mechanism); a named password mechanism
+    # ignores the token, and an explicit token command the password.
+    assert creds("pop3://u@h", environ=env) == ("u", "envpw", "envtok")
+    assert creds("pop3://u@h", environ={"POP3_TOKEN": "t"}) == ("u", None, "t")
+    assert creds("pop3://u@h", environ=env, token_command="echo t2") == ("u", None, "t2")
     assert creds("pop3://u;AUTH=SCRAM-SHA-256@h", environ=env) == ("u", "envpw", None)
     # An explicit --password-command wins over a token in the environment.
     assert creds("pop3://u@h", environ=env, password_command="echo c") == ("u", "c", None)
@@ -999,6 +1002,21 @@ def test_fetch_with_a_bearer_token(
     assert out.startswith(f"fetched {len(DEMO)} messages")
     assert delivered(tmp_path / "md") == [wire_form(x) for x in DEMO]
     assert md.contents("demo") == []
+
+
+def test_fetch_with_a_stray_token_still_logs_in_with_the_password(
+    demo: tuple[MemoryMaildrop, int],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    password: None,
+) -> None:
+    # $POP3_TOKEN set for some other account; this server offers no token
+    # mechanism, so the password from the environment is used.
+    _, port = demo
+    monkeypatch.setenv("POP3_TOKEN", "for-another-account")
+    code, _, err = fetch(capsys, f"pop3://demo@127.0.0.1:{port}", tmp_path / "md", "--keep")
+    assert code == 0, err
 
 
 def test_bench_with_a_bearer_token(

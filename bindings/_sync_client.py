@@ -85,8 +85,8 @@ __all__ = [
 READ_SIZE = 256 * 1024
 #: While TLS data streams in (a read found at least this much), a wait for
 #: more returns only once this much has arrived (``SO_RCVLOWAT``): one wake-up
-#: and one gather per 64 KiB instead of one per few TLS records, which cut
-#: fetch's CPU by a quarter on 5 MB messages.
+#: and one gather per 64 KiB instead of one per few TLS records (fetch over
+#: TLS from Dovecot: 9-16 % less CPU for 50 KB and for 5 MB messages).
 BULK_LOW_WATER = 64 * 1024
 #: ... but never waits longer than this for it (the end of a stream, or a
 #: slow peer), in seconds; then it takes what is there.

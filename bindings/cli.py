@@ -32,6 +32,12 @@ requires STLS unless ``--insecure``, except on loopback (127.0.0.0/8, ::1,
 allowed otherwise (``fetch --no-stls`` skips STLS there, or anywhere with
 ``--insecure``). Certificates are always verified (``--cafile`` adds CAs).
 
+Credentials for ``fetch`` and ``bench``: a password from ``--password-command``
+(the first line a shell command prints), ``$POP3_PASSWORD``, ``~/.netrc`` or
+a prompt; a bearer token for OAUTHBEARER or XOAUTH2 from ``--token-command``
+or ``$POP3_TOKEN``; ``--cert`` (and ``--key``) present a TLS client
+certificate, which ``;AUTH=EXTERNAL`` logs in with. See ``find_credentials``.
+
 ``fetch`` delivers in the order that loses nothing (HARDENING 56-58): write
 ``DIR/tmp/<unique>``, fsync, link into ``DIR/new/``, fsync ``DIR/new/``,
 record the UID in the account's store (``bindings.uidstore``), and only after
@@ -2614,7 +2620,6 @@ def _parser_fetch(sub: Any) -> None:
         "Exit 0 only if every message was delivered.",
     )
     p.add_argument("url", metavar="URL", help="pop3[s]://user[;auth=MECH]@host[:port]")
-    _add_secret_arguments(p)
     p.add_argument("--maildir", required=True, metavar="DIR", help="destination Maildir")
     p.add_argument("--keep", action="store_true", help="leave messages on the server")
     p.add_argument(
@@ -2667,6 +2672,7 @@ def _parser_fetch(sub: Any) -> None:
         help="per-command timeout (default 60)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no summary unless something failed")
+    _add_secret_arguments(p)
     p.set_defaults(func=_cmd_fetch)
 
 
@@ -2679,7 +2685,6 @@ def _parser_bench(sub: Any) -> None:
         "Never deletes anything.",
     )
     p.add_argument("url", metavar="URL", help="pop3[s]://user[;auth=MECH]@host[:port]")
-    _add_secret_arguments(p)
     p.add_argument(
         "--sessions",
         type=int,
@@ -2744,6 +2749,7 @@ def _parser_bench(sub: Any) -> None:
     )
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback server")
     p.add_argument("--no-uvloop", action="store_true", help="plain asyncio even if uvloop exists")
+    _add_secret_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
 

@@ -414,7 +414,8 @@ def find_credentials(
         # Both from the environment and no ;AUTH=: the client takes the
         # token where the server offers OAUTHBEARER or XOAUTH2, else the password.
         ambient = mechanism is None and token_command is None
-        return Credentials(user, env.get("POP3_PASSWORD") or None if ambient else None, token)
+        beside = (env.get("POP3_PASSWORD") or None) if ambient else None
+        return Credentials(user, beside, token)
     if password is None:
         tty = sys.stdin.isatty() if interactive is None else interactive
         if not tty:

@@ -62,6 +62,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
+    import subprocess
 
     from pop3proto import ServerConfig
     from pop3proto._auth import PasswordTable
@@ -448,27 +449,19 @@ def run_secret_command(command: str, what: str = "the command") -> str:
         proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
     except OSError as exc:
         raise UsageError(f"{what} could not start: {exc}") from None
-    expired = threading.Event()
-
-    def expire() -> None:
-        expired.set()
-        proc.kill()
-
-    timer = threading.Timer(SECRET_COMMAND_TIMEOUT, expire)
-    timer.start()
+    assert proc.stdout is not None
     try:
-        assert proc.stdout is not None
-        with proc.stdout:
-            out = proc.stdout.read(SECRET_COMMAND_LIMIT + 1)
-            if len(out) > SECRET_COMMAND_LIMIT:
-                proc.kill()
-        status = proc.wait()
+        out = _read_secret_output(proc, proc.stdout.fileno())
+    except BaseException:
+        proc.kill()
+        raise
     finally:
-        timer.cancel()
+        proc.stdout.close()
+        status = proc.wait()
+    if out is None:
+        raise UsageError(f"{what} took more than {SECRET_COMMAND_TIMEOUT:g} s")
     if len(out) > SECRET_COMMAND_LIMIT:
         raise UsageError(f"{what} printed more than {SECRET_COMMAND_LIMIT} octets")
-    if expired.is_set():
-        raise UsageError(f"{what} took more than {SECRET_COMMAND_TIMEOUT:g} s")
     if status != 0:
         how = f"was stopped by signal {-status}" if status < 0 else f"exited with status {status}"
         raise UsageError(f"{what} {how}")
@@ -480,6 +473,43 @@ def run_secret_command(command: str, what: str = "the command") -> str:
     if not text:
         raise UsageError(f"{what} printed nothing on its first line")
     return text
+
+
+def _read_secret_output(proc: subprocess.Popen[bytes], fd: int) -> bytes | None:
+    """What ``proc`` prints, up to one octet past ``SECRET_COMMAND_LIMIT``
+    (then it is killed); None, and killed, if it runs past
+    ``SECRET_COMMAND_TIMEOUT``. Once it has exited, what is still in the pipe
+    is read, but a background child that keeps the pipe open is not waited
+    for (nor is one at the time limit)."""
+    import selectors
+
+    out = bytearray()
+    deadline = time.monotonic() + SECRET_COMMAND_TIMEOUT
+    exited_at: float | None = None
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None:
+                wait = exited_at + 0.1 - now  # drain what it wrote before exiting
+                if wait <= 0:
+                    return bytes(out)
+            elif now >= deadline:
+                proc.kill()
+                return None
+            else:
+                wait = min(deadline - now, 0.1)
+            if not sel.select(wait):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+            if len(out) > SECRET_COMMAND_LIMIT:
+                proc.kill()
+                return bytes(out)
 
 
 def _netrc_entry(host: str, path: str | None) -> tuple[str, str] | None:

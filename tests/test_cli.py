@@ -341,12 +341,26 @@ def test_secret_command_failures_never_show_the_output(command: str, message: st
     assert "hunter2" not in str(info.value) and "--password-command" in str(info.value)
 
 
-def test_secret_command_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("background", [False, True])
+def test_secret_command_time_limit(monkeypatch: pytest.MonkeyPatch, background: bool) -> None:
+    # Also when a background child holds its output open: the limit is the
+    # command's, not the pipe's.
     monkeypatch.setattr(cli, "SECRET_COMMAND_TIMEOUT", 0.3)
+    command = ("sleep 8 & " if background else "") + "exec sleep 8"
     t0 = time.monotonic()
     with pytest.raises(UsageError, match=r"took more than 0\.3 s"):
-        creds("pop3://u;AUTH=OAUTHBEARER@h", token_command="exec sleep 30")
-    assert time.monotonic() - t0 < 10
+        creds("pop3://u;AUTH=OAUTHBEARER@h", token_command=command)
+    assert time.monotonic() - t0 < 5
+
+
+def test_secret_command_done_while_a_background_child_holds_its_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A helper that starts a daemon sharing its stdout (an agent): its answer
+    # counts once it exits; the daemon is not waited for.
+    monkeypatch.setattr(cli, "SECRET_COMMAND_TIMEOUT", 3.0)
+    got = creds("pop3://u@h", password_command="sleep 8 & echo from-helper")
+    assert got == ("u", "from-helper", None)
 
 
 def test_token_sources_and_what_they_are_for() -> None:

@@ -179,6 +179,11 @@ class PopUrl:
             return self.auth[1:]
         return self.auth
 
+    @property
+    def external(self) -> bool:
+        """``;AUTH=EXTERNAL``: the login is a TLS client certificate's identity."""
+        return self.auth == "EXTERNAL"
+
     def display(self) -> str:
         """The URL without escapes for messages (no password ever)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -368,18 +373,11 @@ def find_credentials(
     only the local record of what was fetched)."""
     env = os.environ if environ is None else environ
     mechanism = url.mechanism
-    if mechanism == "EXTERNAL":
+    if url.external:
         if not client_cert:
             raise UsageError("EXTERNAL logs in with a TLS client certificate: give --cert")
         if password_command is not None or token_command is not None:
             raise UsageError("EXTERNAL takes no password or token, only --cert")
-        user = url.user
-        if user is None:
-            entry = _netrc_entry(url.host, netrc_file)
-            user = entry[0] if entry is not None and entry[0] else None
-        if user is None:
-            raise UsageError("the URL names no user (pop3://USER@HOST) and ~/.netrc has none")
-        return Credentials(user, None)
     wants_token = mechanism in TOKEN_MECHANISMS
     if token_command is not None and not (mechanism is None or wants_token):
         raise UsageError(
@@ -397,20 +395,23 @@ def find_credentials(
         raise UsageError(f"{mechanism} needs a bearer token: set $POP3_TOKEN or --token-command")
     user = url.user
     password: str | None = None
-    if token is None and password_command is not None:
+    needs_password = token is None and not url.external
+    if needs_password and password_command is not None:
         password = run_secret_command(password_command, "--password-command")
-    elif token is None:
+    elif needs_password:
         password = env.get("POP3_PASSWORD")
-    if user is None or (token is None and password is None):
+    if user is None or (needs_password and password is None):
         entry = _netrc_entry(url.host, netrc_file)
         if entry is not None:
             login, secret = entry
             if user is None and login:
                 user = login
-            if token is None and password is None and secret and (not login or login == user):
+            if needs_password and password is None and secret and (not login or login == user):
                 password = secret
     if user is None:
         raise UsageError("the URL names no user (pop3://USER@HOST) and ~/.netrc has none")
+    if url.external:
+        return Credentials(user, None)
     if token is not None:
         # Both from the environment and no ;AUTH=: the client takes the
         # token where the server offers OAUTHBEARER or XOAUTH2, else the password.
@@ -1608,7 +1609,7 @@ def _open_client(
         try:
             caps = client.capabilities() if stls else None
             if caps is not None and caps.stls:
-                client.starttls(ctx if ctx is not None else _client_ssl_context(cafile, None))
+                client.starttls(ctx if ctx is not None else _client_ssl_context(cafile))
         except BaseException:
             client.close()
             raise
@@ -1658,8 +1659,7 @@ def _connect_and_login(
     except (Pop3Error, ProtocolError, OSError) as exc:  # OSError: ssl.SSLError too
         raise _Exit(EXIT_CONNECT, f"cannot connect to {where}: {exc}") from None
     try:
-        external = url.mechanism == "EXTERNAL"
-        client.login(user, password, mechanism=url.mechanism, token=token, external=external)
+        client.login(user, password, mechanism=url.mechanism, token=token, external=url.external)
     except Pop3TLSError as exc:
         client.close()
         raise _Exit(EXIT_AUTH, f"login refused without TLS: {exc} (--insecure allows it)") from None
@@ -2041,14 +2041,14 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
         raise UsageError("--no-stls is for pop3:// URLs (pop3s:// is TLS from the start)")
     if args.no_stls and not (args.insecure or _is_loopback_literal(url.host)):
         raise UsageError("--no-stls needs --insecure unless the server is on loopback")
-    creds = _credentials_from(url, args)
+    creds, client_cert = _login_from(url, args)
     opts = FetchOptions(
         url=url,
         maildir=args.maildir,
         user=creds.user,
         password=creds.password,
         token=creds.token,
-        client_cert=_client_cert_from(args),
+        client_cert=client_cert,
         keep=args.keep,
         cafile=args.cafile,
         delete_after_days=args.delete_after_days,
@@ -2195,7 +2195,7 @@ async def _bench(opts: BenchOptions) -> dict[str, Any]:
                 opts.password,
                 mechanism=url.mechanism,
                 token=opts.token,
-                external=url.mechanism == "EXTERNAL",
+                external=url.external,
             )
             t_login = time.perf_counter() - t0
             count: int | None = None
@@ -2324,13 +2324,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{url.host} is not a loopback address: pass --allow-remote to load a remote server"
         )
-    creds = _credentials_from(url, args)
+    creds, client_cert = _login_from(url, args)
     opts = BenchOptions(
         url=url,
         user=creds.user,
         password=creds.password,
         token=creds.token,
-        client_cert=_client_cert_from(args),
+        client_cert=client_cert,
         sessions=args.sessions,
         concurrency=args.concurrency,
         duration=args.duration,
@@ -2603,20 +2603,21 @@ def _parser_serve(sub: Any) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-def _client_cert_from(args: argparse.Namespace) -> tuple[str, str | None] | None:
+def _login_from(
+    url: PopUrl, args: argparse.Namespace
+) -> tuple[Credentials, tuple[str, str | None] | None]:
+    """``fetch``'s and ``bench``'s login options: the credentials and the
+    client certificate (chain file, key file or None), if any."""
     if args.key and not args.cert:
         raise UsageError("--key needs --cert")
-    return (args.cert, args.key) if args.cert else None
-
-
-def _credentials_from(url: PopUrl, args: argparse.Namespace) -> Credentials:
-    _client_cert_from(args)  # its usage errors first
-    return find_credentials(
+    client_cert = (args.cert, args.key) if args.cert else None
+    creds = find_credentials(
         url,
         password_command=args.password_command,
         token_command=args.token_command,
-        client_cert=bool(args.cert),
+        client_cert=client_cert is not None,
     )
+    return creds, client_cert
 
 
 def _add_secret_arguments(p: Any) -> None:
